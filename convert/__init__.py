@@ -1,0 +1,1 @@
+"""Model conversion: pycls / EfficientNet-Lite checkpoints -> verified ONNX -> .om."""

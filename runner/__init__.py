@@ -1,0 +1,3 @@
+"""cardrunner: evaluate ImageNet classifiers on every chip of a card at once."""
+
+__version__ = "0.1.0"

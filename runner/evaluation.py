@@ -1,0 +1,408 @@
+"""One evaluation run: config in, scored and timed results out (no printing, no CLI)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import ray
+from ray.exceptions import RayActorError
+from tqdm import tqdm
+
+from .backends import BACKENDS, BackendOptions
+from .dataset import Dataset, ImageIssue, load_dataset
+from .devices import DeviceRef, cpu_slots, parse_devices, resolve_devices
+from .journal import Journal
+from .metrics import TOPK, Accuracy, hit_ranks
+from .pipeline import (
+    EMULATED_RESOURCE,
+    DeviceState,
+    DeviceWorker,
+    DriveOutcome,
+    Preprocessor,
+    device_actor_options,
+    drive,
+    plan_batches,
+    start_ray,
+    visible_devices_env,
+)
+from .preprocess import get_recipe
+
+RUN_FILES = ("journal.jsonl", "result.json", "perf.json", "logits.npy", "errors.csv",
+             "predictions.csv")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the CLI prints it on one line and exits 2."""
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None
+    images: str | None = None
+    labels: str | None = None
+    devices: str = "0"
+    backend: str = "onnxruntime"
+    provider: str = "cpu"
+    batch_size: int = 16
+    out: str = "runs/latest"
+    recipe: str | None = None  # default: the model's metadata, else "huawei"
+    workers: int | None = None  # preprocessing actors; default: one per host core
+    in_flight: int = 2
+    threads: int | None = None  # onnxruntime CPU threads per device; default cores / devices
+    limit: int | None = None
+    pure_infer: bool = False
+    rounds: int = 50
+    keep_logits: bool = False
+    address: str | None = None
+    emulated_chips: int = 4
+    emulated_latency_ms: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class BatchStat:
+    device: str
+    n: int
+    start: float
+    run_start: float
+    run_end: float
+    infer_s: float
+    convert_s: float
+    decode_s: float
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    recipe: str
+    model_meta: dict[str, str]
+    model_sha256: str | None
+    devices: list[dict[str, Any]]  # describe() of each device actor, plus failure info
+    outcome: DriveOutcome
+    stats: list[BatchStat]
+    num_images: int  # images planned (scored + not scored)
+    names: list[str]
+    labels: np.ndarray | None
+    top: np.ndarray  # [N, TOPK], -1 where not scored
+    num_classes: int
+    issues: list[ImageIssue] = field(default_factory=list)
+    resumed_images: int = 0
+
+    @property
+    def scored(self) -> np.ndarray:
+        return np.flatnonzero(self.top[:, 0] >= 0)
+
+    def accuracy(self) -> Accuracy | None:
+        if self.labels is None:
+            return None
+        idx = self.scored
+        ranks = hit_ranks(self.top[idx], self.labels[idx], self.num_classes)
+        return Accuracy.from_ranks(ranks, self.num_classes)
+
+
+def model_metadata(path: str | Path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX model ({} for other files)."""
+    if not str(path).endswith(".onnx"):
+        return {}
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise ConfigError(f"--model: {path} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors have many types
+        raise ConfigError(f"--model: {path} is not a readable ONNX model ({exc})") from None
+    return {p.key: p.value for p in m.metadata_props}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder unless told to resume or overwrite."""
+    existing = [n for n in RUN_FILES if (out / n).exists()]
+    if existing and not (resume or overwrite):
+        raise ConfigError(
+            f"--out: {out} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    if overwrite:
+        for n in existing:
+            (out / n).unlink()
+        for p in out.glob("perf_vision_batchsize_*_device_*.txt"):
+            p.unlink()
+        shutil.rmtree(out / "tmp", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def available_devices(backend: str, provider: str) -> tuple[int, str]:
+    """How many devices of this kind Ray sees on one host, and what they are called."""
+    res = ray.cluster_resources()
+    if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
+        return int(res.get("NPU", 0)), "Ascend NPUs"
+    if backend == "onnxruntime" and provider == "cuda":
+        return int(res.get("GPU", 0)), "GPUs"
+    if backend == "emulated":
+        return int(res.get(EMULATED_RESOURCE, 0)), "emulated chips (--emulated-chips)"
+    # A CPU "device" is a slice of the host; more slices than cores oversubscribe.
+    return max(8, cpu_slots()), "CPU slices"
+
+
+def _resolve_backend(cfg: RunConfig) -> tuple[str, str]:
+    if cfg.backend != "auto":
+        if cfg.backend not in BACKENDS:
+            choices = ", ".join(BACKENDS)
+            raise ConfigError(f"--backend: unknown {cfg.backend!r}; choose auto, {choices}")
+        return cfg.backend, cfg.provider
+    res = ray.cluster_resources()
+    if res.get("NPU", 0) >= 1:
+        return "acl", cfg.provider
+    if res.get("GPU", 0) >= 1:
+        return "onnxruntime", "cuda"
+    return "onnxruntime", "cpu"
+
+
+def start_devices(
+    cfg: RunConfig, backend: str, provider: str, recipe: str, refs: list[DeviceRef]
+) -> list[DeviceState]:
+    """One actor per device; fails with a ConfigError naming the device that cannot open."""
+    cores = cpu_slots()
+    threads = cfg.threads or max(1, cores // len(refs))
+    opts = device_actor_options(backend, provider)
+    env = visible_devices_env(backend, provider) if not parse_devices(cfg.devices).all else None
+    model: Any = cfg.model
+    actors = []
+    for ref in refs:
+        options = BackendOptions(
+            threads=threads,
+            provider=provider,
+            emulated_latency_ms=cfg.emulated_latency_ms,
+            extra={"image_size": get_recipe(recipe).crop},
+        )
+        if ref.node:
+            raise ConfigError(f"--devices: node-qualified device {ref} needs a cluster (--address)")
+        actor = ray.remote(DeviceWorker).options(**opts).remote(
+            backend, model, str(ref), ref.index, options, recipe, cfg.keep_logits, env
+        )
+        actors.append((ref, actor))
+    states = []
+    for ref, actor in actors:
+        try:
+            info = ray.get(actor.describe.remote(), timeout=300)
+        except RayActorError as exc:
+            raise ConfigError(f"device {ref}: {_init_error(exc)}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(
+                f"device {ref}: its actor did not start within 300 s (Ray resources: "
+                f"{ray.available_resources()})"
+            ) from None
+        states.append(DeviceState(ref, actor, info))
+    return states
+
+
+def _init_error(exc: BaseException) -> str:
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if "Error:" in line or "Error " in line:
+            return line[:300]
+    return text.strip().splitlines()[-1][:300] if text.strip() else type(exc).__name__
+
+
+def check_input(info: dict[str, Any], recipe: str, model: str | None) -> None:
+    """The model must take what the recipe produces (size) in a form we can feed it."""
+    r = get_recipe(recipe)
+    shape = info["input"]["shape"]
+    hw = shape[1:3] if info["input"]["dtype"] == "uint8" else shape[2:4]
+    if list(hw) != [r.crop, r.crop]:
+        raise ConfigError(
+            f"--model: {model} takes {info['input']['dtype']} {shape} but recipe {recipe} makes "
+            f"{r.crop}x{r.crop} crops"
+        )
+    if info["input"]["dtype"] == "uint8" and r.wire_dtype != "uint8":
+        raise ConfigError(f"--model: {model} takes uint8 but recipe {recipe} makes float crops")
+
+
+def run_evaluation(cfg: RunConfig) -> RunResult:
+    if cfg.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    selection = parse_devices(cfg.devices)
+    out = Path(cfg.out)
+    meta: dict[str, str] = {}
+    model_sha = None
+    if cfg.model:
+        if not Path(cfg.model).exists():
+            raise ConfigError(f"--model: {cfg.model} does not exist")
+        meta = model_metadata(cfg.model)
+        model_sha = file_sha256(cfg.model)
+    elif cfg.backend != "emulated":
+        raise ConfigError("--model is required (only --backend emulated runs without one)")
+    recipe = cfg.recipe or meta.get("cardrunner.recipe") or "huawei"
+    try:
+        get_recipe(recipe)
+    except ValueError as exc:
+        raise ConfigError(f"--preprocess: {exc}") from None
+
+    dataset: Dataset | None = None
+    if not cfg.pure_infer:
+        if not cfg.images:
+            raise ConfigError("--images is required (or --pure-infer)")
+        dataset = load_dataset(cfg.images, cfg.labels, cfg.limit)
+    prepare_out_dir(out, cfg.resume, cfg.overwrite)
+
+    start_ray(cfg.address, {EMULATED_RESOURCE: cfg.emulated_chips})
+    backend, provider = _resolve_backend(cfg)
+    count, what = available_devices(backend, provider)
+    refs = resolve_devices(selection, count, what)
+    devices = start_devices(cfg, backend, provider, recipe, refs)
+    for d in devices:
+        check_input(d.info, recipe, cfg.model)
+    num_classes = devices[0].info["num_classes"]
+    try:
+        if cfg.pure_infer:
+            return _run_pure_infer(cfg, recipe, meta, model_sha, devices, num_classes)
+        assert dataset is not None
+        return _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out)
+    finally:
+        for d in devices:
+            ray.kill(d.actor)
+
+
+def _stat(r: dict[str, Any]) -> BatchStat:
+    return BatchStat(r["device"], r["n"], r["start"], r["run_start"], r["run_end"],
+                     r["infer_s"], r["convert_s"], r["decode_s"])
+
+
+def _run_pure_infer(cfg, recipe, meta, model_sha, devices, num_classes) -> RunResult:
+    spec = devices[0].info["input"]
+    shape = [cfg.batch_size] + [d for d in spec["shape"][1:]]
+    rng = np.random.default_rng(0)
+    if spec["dtype"] == "uint8":
+        pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        pixels = rng.standard_normal(shape, dtype=np.float32)
+    payload = ray.put({"pixels": pixels, "tensor": True, "indices": np.arange(cfg.batch_size)})
+    batches = plan_batches([cfg.batch_size * cfg.rounds * len(devices)], cfg.batch_size)
+    stats: list[BatchStat] = []
+    bar = tqdm(total=len(batches) * cfg.batch_size, unit="img", disable=not cfg.progress,
+               desc="pure-infer")
+
+    def on_result(r: dict[str, Any]) -> None:
+        stats.append(_stat(r))
+        bar.update(r["n"])
+
+    outcome = drive(devices, batches, lambda b: payload, on_result, cfg.in_flight)
+    bar.close()
+    n = sum(s.n for s in stats)
+    return RunResult(cfg, recipe, meta, model_sha, _device_infos(devices), outcome, stats, n,
+                     [], None, np.zeros((0, TOPK), np.int32), num_classes)
+
+
+def _device_infos(devices: list[DeviceState]) -> list[dict[str, Any]]:
+    return [
+        dict(d.info, failed_at_s=d.failed_at, failure=d.failure, moved_batches=d.moved_batches)
+        for d in devices
+    ]
+
+
+def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out) -> RunResult:
+    n = len(dataset)
+    top = np.full((n, TOPK), -1, dtype=np.int32)
+    issues = list(dataset.issues)
+    header = {
+        "model_sha256": model_sha,
+        "recipe": recipe,
+        "images": dataset.fingerprint(),
+        "count": n,
+        "backend": "emulated" if cfg.backend == "emulated" else "real",
+    }
+    journal = Journal(out / "journal.jsonl", header, cfg.resume)
+    logits_mm = None
+    if cfg.keep_logits:
+        path = out / "logits.npy"
+        mode = "r+" if cfg.resume and path.exists() else "w+"
+        logits_mm = np.lib.format.open_memmap(path, mode=mode, dtype=np.float32,
+                                              shape=(n, num_classes))
+    done = np.zeros(n, dtype=bool)
+    for rec in journal.records:
+        idx = np.asarray(rec["indices"], dtype=np.int64)
+        if len(idx):
+            top[idx] = rec["top"]
+        done[idx] = True
+        for i, reason in rec["errors"]:
+            issues.append(ImageIssue(dataset.names[i], reason, i))
+            done[i] = True
+    resumed = int(done.sum())
+
+    todo = [(int(i), dataset.path(int(i))) for i in np.flatnonzero(~done)]
+    workers = cfg.workers or cpu_slots()
+    workers = max(1, min(workers, math.ceil(len(todo) / cfg.batch_size) or 1))
+    bounds = np.linspace(0, len(todo), workers + 1).astype(int) if todo else []
+    shards = [todo[a:b] for a, b in pairwise(bounds)]
+    prep_cpus = min(1.0, cpu_slots() / max(1, len(shards)))
+    preps = [
+        ray.remote(Preprocessor).options(num_cpus=prep_cpus).remote(s, recipe) for s in shards
+    ]
+    batches = plan_batches([len(s) for s in shards], cfg.batch_size)
+    stats: list[BatchStat] = []
+    bar = tqdm(total=n, initial=resumed, unit="img", disable=not cfg.progress, desc="evaluate")
+
+    def on_result(r: dict[str, Any]) -> None:
+        idx = r["indices"]
+        if len(idx):
+            top[idx] = r["top"]
+            if logits_mm is not None:
+                logits_mm[idx] = r["logits"]
+        for i, reason in r["errors"]:
+            issues.append(ImageIssue(dataset.names[i], reason, int(i)))
+        journal.append({"batch": r["batch"], "device": r["device"], "indices": idx.tolist(),
+                        "top": r["top"].tolist(), "errors": r["errors"]})
+        stats.append(_stat(r))
+        bar.update(len(idx) + len(r["errors"]))
+
+    def on_give_up(batch, reason: str) -> None:
+        for i, _ in shards[batch.shard][batch.start : batch.stop]:
+            issues.append(ImageIssue(dataset.names[i], f"batch failed: {reason}", i))
+            bar.update(1)
+
+    try:
+        outcome = drive(
+            devices,
+            batches,
+            lambda b: preps[b.shard].load.remote(b.start, b.stop),
+            on_result,
+            cfg.in_flight,
+            on_give_up,
+        )
+    finally:
+        bar.close()
+        journal.close()
+        if logits_mm is not None:
+            logits_mm.flush()
+        for p in preps:
+            ray.kill(p)
+    labels = np.asarray(dataset.labels, dtype=np.int64) if dataset.labels is not None else None
+    return RunResult(cfg, recipe, meta, model_sha, _device_infos(devices), outcome, stats, n,
+                     dataset.names, labels, top, num_classes, issues, resumed)
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

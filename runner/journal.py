@@ -1,0 +1,55 @@
+"""Append-only JSON-lines journal of finished batches: what makes ``--resume`` possible.
+
+The first line identifies the run (model, recipe, image list, batch plan); every later line
+is one finished batch.  A driver killed mid-write leaves a torn last line: it is cut off
+when the journal is reopened, so the batch it described is simply run again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any
+
+
+class JournalError(ValueError):
+    """A journal that belongs to another run, or cannot be read."""
+
+
+class Journal:
+    def __init__(self, path: Path, header: dict[str, Any], resume: bool):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if resume and path.exists():
+            self._reopen(header)
+        else:
+            with open(path, "w") as f:
+                f.write(json.dumps({"run": header}) + "\n")
+        self._file: IO[str] = open(path, "a")
+
+    def _reopen(self, header: dict[str, Any]) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # torn last line from a crash: cut it before appending
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+        lines = data[:end].decode().splitlines()
+        if not lines:
+            raise JournalError(f"--resume: {self.path} is empty")
+        try:
+            old = json.loads(lines[0])["run"]
+        except (ValueError, KeyError):
+            raise JournalError(f"--resume: {self.path} does not start with a run header") from None
+        changed = sorted(k for k in header if old.get(k) != header[k])
+        if changed:
+            raise JournalError(
+                f"--resume: {self.path} belongs to a different run ({', '.join(changed)} changed)"
+            )
+        self.records = [json.loads(line) for line in lines[1:]]
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()  # survives a driver crash; fsync would only add power-loss safety
+
+    def close(self) -> None:
+        self._file.close()

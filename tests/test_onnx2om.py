@@ -1,0 +1,274 @@
+"""convert.onnx2om and convert.aipp against a fake ``atc`` (tests/fake_atc/atc).
+
+Real ATC has not been run by these tests: they check the argv we hand ATC against the
+guide's command (REFERENCE.md 2), the manifest, the error paths, and that the AIPP numbers
+reproduce ``runner.preprocess`` in exact arithmetic (the chip's fp16 is not modelled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from convert.aipp import aipp_config_text, aipp_params, write_aipp_config
+from runner.preprocess import get_recipe, to_tensor
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_ATC_DIR = REPO / "tests" / "fake_atc"
+ATC_MISSING = (
+    "onnx2om: error: atc not found on PATH; "
+    "source /usr/local/Ascend/ascend-toolkit/set_env.sh (CANN) first"
+)
+
+
+def make_onnx(path: Path, batch: int | str = "batch", recipe: str = "huawei") -> Path:
+    """A tiny model with the exported EN-B3's interface: image [N,3,300,300] -> class."""
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 300, 300])
+    out = helper.make_tensor_value_info("class", TensorProto.FLOAT, [batch, 3])
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["class"]),
+        ],
+        "tiny",
+        [image],
+        [out],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    helper.set_model_props(model, {"cardrunner.recipe": recipe, "cardrunner.arch": "tiny"})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_onnx(tmp_path / "tiny.onnx")
+
+
+def run_cli(
+    args: list[str], tmp_path: Path, *, atc: bool = True, cann_env: bool = True, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m convert.onnx2om`` with a controlled PATH and CANN environment."""
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FAKE_ATC_", "ASCEND_")) and k != "PATH"
+    }
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    # The fake atc's shebang needs python3 on PATH; nothing else from the host PATH.
+    dirs = [FAKE_ATC_DIR] if atc else [empty]
+    full["PATH"] = os.pathsep.join(str(d) for d in [*dirs, Path(sys.executable).parent])
+    full["PYTHONPATH"] = str(REPO)
+    full["FAKE_ATC_LOG"] = str(tmp_path / "atc.jsonl")
+    if cann_env:
+        full["ASCEND_TOOLKIT_HOME"] = str(tmp_path / "cann")
+        full["ASCEND_OPP_PATH"] = str(tmp_path / "cann" / "opp")
+    full.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "convert.onnx2om", *args],
+        cwd=REPO,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def atc_calls(tmp_path: Path) -> list[list[str]]:
+    log = tmp_path / "atc.jsonl"
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_fake_atc_is_executable() -> None:
+    assert os.access(FAKE_ATC_DIR / "atc", os.X_OK)
+
+
+def test_two_batch_sizes_run_the_guides_atc_commands(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    args = [str(model), "--batch-sizes", "1,16", "--soc", "Ascend310", "--out", str(out)]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    calls = atc_calls(tmp_path)
+    assert len(calls) == 2
+    for bs, argv in zip((1, 16), calls, strict=True):
+        assert argv[1:] == [
+            "--framework=5",
+            f"--model={model}",
+            "--input_format=NCHW",
+            f"--input_shape=image:{bs},3,300,300",
+            f"--output={out / f'tiny_bs{bs}'}",
+            "--soc_version=Ascend310",
+            "--log=error",
+        ]
+        # Printed before it ran, as one shell-pasteable line.
+        assert shlex.join(["atc", *argv[1:]]) in proc.stdout.splitlines()
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"] == {"1": "tiny_bs1.om", "16": "tiny_bs16.om"}
+    for name in manifest["models"].values():
+        assert "FAKE" in (out / name).read_text()
+    assert manifest["onnx"] == str(model.resolve())
+    assert manifest["onnx_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest["atc_flags"]["16"] == ["atc", *calls[1][1:]]
+    assert manifest["input"] == {
+        "name": "image",
+        "dtype": "float32",
+        "layout": "NCHW",
+        "shape": [-1, 3, 300, 300],
+    }
+    assert manifest["recipe"] == "huawei"
+    assert manifest["arch"] == "tiny"
+    assert manifest["soc"] == "Ascend310"
+    assert manifest["precision"] == "force_fp16"
+    assert manifest["aipp"] is False
+    assert manifest["created"]
+
+
+def test_auto_tune_precision_and_log_flags(model: Path, tmp_path: Path) -> None:
+    args = [str(model), "--batch-sizes", "16", "--out", str(tmp_path / "om"), "--auto-tune"]
+    args += ["--precision", "allow_fp32_to_fp16", "--log", "debug"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (argv,) = atc_calls(tmp_path)
+    assert argv[-3:] == [
+        "--log=debug",
+        "--auto_tune_mode=RL,GA",
+        "--precision_mode=allow_fp32_to_fp16",
+    ]
+    manifest = json.loads((tmp_path / "om" / "manifest.json").read_text())
+    assert manifest["precision"] == "allow_fp32_to_fp16"
+
+
+def test_aipp_flag_writes_config_and_uint8_manifest(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    proc = run_cli([str(model), "--batch-sizes", "1", "--out", str(out), "--aipp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (argv,) = atc_calls(tmp_path)
+    cfg = out / "tiny_aipp.cfg"
+    assert argv[-1] == f"--insert_op_conf={cfg}"
+    assert cfg.read_text() == aipp_config_text(get_recipe("huawei"), 300)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["aipp"] is True
+    assert manifest["input"]["dtype"] == "uint8"
+    assert manifest["input"]["layout"] == "NHWC"
+    assert manifest["input"]["shape"] == [-1, 300, 300, 3]
+
+
+def parse_aipp(text: str) -> dict[str, str]:
+    body = re.search(r"aipp_op\s*\{(.*)\}", text, re.S)
+    assert body is not None
+    lines = (line.split("#")[0] for line in body.group(1).splitlines())
+    return dict(re.match(r"\s*(\w+)\s*:\s*(\S+)", ln).groups() for ln in lines if ln.strip())
+
+
+@pytest.mark.parametrize("name", ["huawei", "tf-lite"])
+def test_aipp_reproduces_the_recipe_for_every_uint8_level(name: str, tmp_path: Path) -> None:
+    recipe = get_recipe(name)
+    fields = parse_aipp(write_aipp_config(recipe, recipe.crop, tmp_path / "aipp.cfg").read_text())
+    assert fields["input_format"] == "RGB888_U8"
+    assert fields["src_image_size_w"] == fields["src_image_size_h"] == str(recipe.crop)
+    assert fields["csc_switch"] == "false"
+    swap = fields["rbuv_swap_switch"] == "true"
+    assert swap == (recipe.channels == "BGR")
+
+    # Distinct levels per channel so that a wrong swap cannot pass.
+    k = np.arange(256)
+    rgb = np.stack([k, 255 - k, (k * 7) % 256], axis=-1).astype(np.uint8)  # [256, 3]
+    expected = to_tensor(rgb[None, None], recipe)[0, :, 0, :]  # [3, 256], model channel order
+
+    pixels = rgb[:, ::-1] if swap else rgb  # AIPP swaps R/B before normalising
+    for i in range(3):
+        # AIPP holds mean_chn as an integer and min/var as float32; evaluate exactly.
+        mean = int(fields[f"mean_chn_{i}"])
+        low = float(np.float32(fields[f"min_chn_{i}"]))
+        var = float(np.float32(fields[f"var_reci_chn_{i}"]))
+        aipp = (pixels[:, i].astype(np.float64) - mean - low) * var
+        np.testing.assert_allclose(aipp, expected[i], rtol=0, atol=1e-6)
+
+
+def test_aipp_params_huawei_values() -> None:
+    params = aipp_params(get_recipe("huawei"))
+    assert params["rbuv_swap_switch"] is True
+    # Channel 0 is blue after the swap.
+    assert params["mean_chn_0"] == 0
+    assert params["min_chn_0"] == pytest.approx(255 * 0.406)
+    assert params["var_reci_chn_0"] == pytest.approx(1 / (255 * 0.225))
+    assert params["min_chn_2"] == pytest.approx(255 * 0.485)
+
+
+def test_aipp_refuses_float_recipe() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        aipp_params(get_recipe("pycls"))
+
+
+@pytest.mark.parametrize(
+    ("atc", "cann_env"), [(False, True), (True, False)], ids=["no-atc", "no-set_env"]
+)
+def test_missing_atc_is_one_line_exit_2(
+    model: Path, tmp_path: Path, atc: bool, cann_env: bool
+) -> None:
+    proc = run_cli(
+        [str(model), "--out", str(tmp_path / "om")], tmp_path, atc=atc, cann_env=cann_env
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [ATC_MISSING]
+    assert atc_calls(tmp_path) == []
+
+
+def test_dry_run_needs_no_atc(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    args = [str(model), "--batch-sizes", "1,16", "--out", str(out), "--dry-run", "--aipp"]
+    proc = run_cli(args, tmp_path, atc=False, cann_env=False)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line for line in proc.stdout.splitlines() if line.startswith("atc ")]
+    assert len(commands) == 2
+    assert "--input_shape=image:16,3,300,300" in shlex.split(commands[1])
+    assert not out.exists()
+
+
+def test_atc_failure_names_the_batch_size(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    proc = run_cli(
+        [str(model), "--batch-sizes", "16", "--out", str(out)], tmp_path, FAKE_ATC_EXIT="1"
+    )
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()[-1:]
+    assert line.startswith("onnx2om: error:")
+    assert "batch size 16" in line and "exit code 1" in line
+    assert not (out / "manifest.json").exists()
+
+
+def test_missing_om_after_atc_success_is_an_error(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    proc = run_cli(
+        [str(model), "--batch-sizes", "1", "--out", str(out)], tmp_path, FAKE_ATC_SKIP_OM="1"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"onnx2om: error: atc exited 0 for batch size 1 but wrote no {out / 'tiny_bs1.om'}"
+    )
+    assert not (out / "manifest.json").exists()
+
+
+def test_fixed_batch_onnx_refuses_other_batch_sizes(tmp_path: Path) -> None:
+    fixed = make_onnx(tmp_path / "fixed.onnx", batch=16)
+    proc = run_cli([str(fixed), "--batch-sizes", "1,16", "--out", str(tmp_path / "om")], tmp_path)
+    assert proc.returncode == 2
+    assert "batch axis is fixed at 16" in proc.stderr
+    assert atc_calls(tmp_path) == []
