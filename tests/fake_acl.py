@@ -122,7 +122,9 @@ class FakeAcl:
             self.util = types.SimpleNamespace(
                 bytes_to_ptr=self._api("acl.util.bytes_to_ptr", "plain", self._host_view),
                 ptr_to_bytes=self._api(
-                    "acl.util.ptr_to_bytes", "plain", lambda ptr, size: bytes(self.memory[ptr][:size])
+                    "acl.util.ptr_to_bytes",
+                    "plain",
+                    lambda ptr, size: bytes(self.memory[ptr][:size]),
                 ),
             )
         else:
@@ -304,15 +306,19 @@ def fake_ais_bench(
 
         def get_inputs(self) -> list[types.SimpleNamespace]:
             om = self.om
-            return [types.SimpleNamespace(
-                name=om.name, shape=om.input_dims, size=om.input_size, realsize=om.input_size
-            )]
+            return [
+                types.SimpleNamespace(
+                    name=om.name, shape=om.input_dims, size=om.input_size, realsize=om.input_size
+                )
+            ]
 
         def get_outputs(self) -> list[types.SimpleNamespace]:
             om = self.om
-            return [types.SimpleNamespace(
-                name="class", shape=om.output_dims, size=om.output_size, realsize=om.output_size
-            )]
+            return [
+                types.SimpleNamespace(
+                    name="class", shape=om.output_dims, size=om.output_size, realsize=om.output_size
+                )
+            ]
 
         def infer(self, feeds: list[np.ndarray], mode: str = "static") -> list[np.ndarray]:
             calls.append(("infer", (feeds[0].copy(),)))

@@ -125,10 +125,9 @@ def _describe(
         raise BackendError(
             f"{om}: the manifest says input dtype {declared['dtype']}, the model takes {dtype}"
         )
-    want_tail = tuple(declared.get("shape", [-1, *dims[1:]])[1:])
-    if want_tail != dims[1:]:
+    if tuple(declared.get("shape", [-1, *dims[1:]])[1:]) != dims[1:]:
         raise BackendError(
-            f"{om}: the manifest says input shape (n, {want_tail}), the model takes {dims}"
+            f"{om}: the manifest says input shape {declared['shape']}, the model takes {list(dims)}"
         )
     classes = math.prod(output_dims[1:]) if len(output_dims) >= 2 else 0
     if classes <= 0 or output_dims[0] != batch or output_size != batch * classes * 4:
@@ -426,6 +425,7 @@ class AclBackend:
     emulated = False
 
     def __init__(self, model: ModelArg, device_id: int, options: BackendOptions) -> None:
+        # No option applies: precision and layout were fixed when ATC compiled the .om.
         files, declared = _model_files(model)
         for _, path in files:
             if not path.is_file():
