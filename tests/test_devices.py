@@ -34,7 +34,8 @@ def test_parse_rejects(spec):
 
 
 def test_resolve_against_available():
-    assert resolve_devices(parse_devices("all"), 3, "NPUs") == [DeviceRef(None, i) for i in range(3)]
+    every = resolve_devices(parse_devices("all"), 3, "NPUs")
+    assert every == [DeviceRef(None, i) for i in range(3)]
     with pytest.raises(DeviceSpecError, match="only 4 NPUs exist"):
         resolve_devices(parse_devices("2-5"), 4, "NPUs")
     with pytest.raises(DeviceSpecError, match="no NPUs found"):
