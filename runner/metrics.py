@@ -26,19 +26,21 @@ def read_labels(path: str | Path) -> dict[str, int]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise LabelError(f"--labels: {path} does not exist") from None
+        raise LabelError(f"labels file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise LabelError(f"--labels: cannot read {path}: {exc}") from None
+        raise LabelError(f"cannot read labels file {path}: {exc}") from None
     labels: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise LabelError(f"--labels: {path}:{lineno}: expected '<image> <class>', got {line!r}")
+            raise LabelError(
+                f"labels file {path}:{lineno}: expected '<image> <class>', got {line!r}"
+            )
         labels[image_key(parts[0])] = int(parts[1])
     if not labels:
-        raise LabelError(f"--labels: {path} holds no labels")
+        raise LabelError(f"labels file {path} holds no labels")
     return labels
 
 

@@ -1,0 +1,159 @@
+"""``python -m runner.prep --format bin IMAGES OUT``: the guide's ``.bin`` files, done right.
+
+Drop-in for the guide's ``imagenet_torch_preprocess.py`` (+ ``gen_dataset_info.py bin``) for
+tools that need files on disk: the same bytes (``reference_tensor(...).tofile``, raw CHW
+float32), but in parallel Ray tasks with a progress bar, and without swallowing errors:
+every failed image is listed at the end and in ``OUT/prep_errors.csv``.
+
+Exit codes: 0 all written, 2 bad arguments, 4 some images failed (the others are written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import math
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .dataset import DatasetError, load_dataset
+from .devices import cpu_slots
+from .preprocess import RECIPES, ImageError, get_recipe, reference_tensor
+
+ERRORS_CSV = "prep_errors.csv"
+#: At most this many images per Ray task: small enough for a live progress bar.
+MAX_CHUNK = 32
+
+
+def write_bins(jobs: list[tuple[str, str]], recipe: str) -> list[tuple[str, str]]:
+    """Write each ``(image, bin)`` job; return ``(image, reason)`` for those that failed."""
+    r = get_recipe(recipe)
+    failed = []
+    for src, dst in jobs:
+        try:
+            tensor = reference_tensor(src, r)
+        except ImageError as exc:
+            failed.append((src, str(exc)))
+            continue
+        tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
+        try:  # via a temporary name: a killed run never leaves a short .bin behind
+            tensor.tofile(tmp)
+            os.replace(tmp, dst)
+        except OSError as exc:
+            failed.append((src, f"cannot write {dst}: {exc.strerror or exc}"))
+    return failed
+
+
+def plan(images: list[str], out: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Jobs ``(image, OUT/<stem>.bin)``, and failures for images whose stem is taken."""
+    jobs, clashes, owner = [], [], {}
+    for path in images:
+        stem = Path(path).stem
+        if stem in owner:
+            clashes.append((path, f"{stem}.bin is already written from {owner[stem]}"))
+        else:
+            owner[stem] = Path(path).name
+            jobs.append((path, str(out / f"{stem}.bin")))
+    return jobs, clashes
+
+
+def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tuple[str, str]]:
+    """Run ``write_bins`` over chunks on Ray, ``workers`` tasks at a time; return failures."""
+    import ray
+
+    from .pipeline import _one_line, start_ray
+
+    start_ray(None, {})
+    task = ray.remote(num_cpus=1)(write_bins)
+    size = max(1, min(MAX_CHUNK, math.ceil(len(jobs) / (workers * 4))))
+    chunks = [jobs[a : a + size] for a in range(0, len(jobs), size)]
+    failed: list[tuple[str, str]] = []
+    pending: dict = {}
+    with tqdm(total=len(jobs), unit="img", desc="prep") as bar:
+        while chunks or pending:
+            while chunks and len(pending) < workers:
+                chunk = chunks.pop(0)
+                pending[task.remote(chunk, recipe)] = chunk
+            [ref], _ = ray.wait(list(pending), num_returns=1)
+            chunk = pending.pop(ref)
+            try:
+                failed += ray.get(ref)
+            except ray.exceptions.RayError as exc:  # a crashed worker: its chunk is lost
+                failed += [(src, _one_line(exc)) for src, _ in chunk]
+            bar.update(len(chunk))
+    return failed
+
+
+def write_info(out_arg: str, info: Path, size: int) -> int:
+    """``gen_dataset_info.py bin``: every ``*.bin`` of OUT in glob order; return the count."""
+    bins = glob.glob(os.path.join(glob.escape(out_arg), "*.bin"))
+    with open(info, "w") as f:
+        for index, path in enumerate(bins):
+            f.write(f"{index} {path} {size} {size}\n")
+    return len(bins)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m runner.prep",
+        description="Write the guide's float32 .bin input files (and its .info list) in "
+        "parallel, listing every image that failed.",
+    )
+    p.add_argument("images", help="folder of images")
+    p.add_argument("out", help="folder for <stem>.bin (created if missing)")
+    p.add_argument("--format", default="bin", choices=["bin"], help="output format (bin)")
+    p.add_argument("--recipe", default="huawei", choices=list(RECIPES),
+                   help="preprocessing recipe (default huawei: the guide's)")
+    p.add_argument("--workers", type=int, default=cpu_slots(),
+                   help="parallel tasks (default: one per core)")
+    p.add_argument("--info", help="also write this gen_dataset_info.py-style .info file")
+    p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, not {args.workers}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be at least 1, not {args.limit}")
+        dataset = load_dataset(args.images, None, args.limit)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"OUT: {out} is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        if args.info and Path(args.info).is_dir():
+            raise ValueError(f"--info: {args.info} is a directory")
+    except (ValueError, DatasetError, OSError) as exc:
+        print(f"prep: error: {exc}", file=sys.stderr)
+        return 2
+
+    jobs, failed = plan([dataset.path(i) for i in range(len(dataset))], out)
+    failed += run_jobs(jobs, args.recipe, args.workers)
+    failed.sort()
+    with open(out / ERRORS_CSV, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "reason"])
+        w.writerows(failed)
+    written = len(dataset) - len(failed)
+    print(f"prep: wrote {written} of {len(dataset)} .bin files to {out}")
+    if args.info:
+        listed = write_info(args.out, Path(args.info), get_recipe(args.recipe).crop)
+        stale = f" ({listed - written} not written by this run)" if listed != written else ""
+        print(f"prep: listed {listed} .bin files of {out} in {args.info}{stale}")
+    if failed:
+        for src, reason in failed:
+            print(f"prep: FAILED {src}: {reason}", file=sys.stderr)
+        print(f"prep: {len(failed)} images failed (listed in {out / ERRORS_CSV})",
+              file=sys.stderr)
+        return 4
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
