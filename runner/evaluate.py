@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .backends import BackendError
 from .dataset import DatasetError
 from .devices import DeviceSpecError
 from .evaluation import ConfigError, RunConfig, run_evaluation
+from .jobs import Job, check_gates, load_job
 from .journal import JournalError
 from .metrics import LabelError
 from .report import format_table, write_outputs
@@ -30,51 +32,98 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate an ImageNet classifier on several devices at once and measure "
         "the card's real throughput.",
     )
-    p.add_argument("--devices", default="0", help="e.g. 0-3, 0,2,5, 3 or all (default 0)")
+    p.add_argument("--job", help="TOML job file (flags given here override its fields)")
+    p.add_argument("--devices", help="e.g. 0-3, 0,2,5, 3 or all (default 0)")
     p.add_argument("--model", help=".onnx (onnxruntime) or .om / manifest.json (acl)")
     p.add_argument("--images", help="folder of validation images")
     p.add_argument("--labels", help="val_label.txt: '<image> <class index>' per line")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", default="runs/latest", help="run folder (default runs/latest)")
-    p.add_argument("--backend", default="onnxruntime",
-                   choices=["auto", "onnxruntime", "acl", "emulated"])
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "cann"],
+    p.add_argument("--batch-size", type=int, help="default 16, or the job's batch_sizes")
+    p.add_argument("--out", help="run folder (default runs/latest)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "acl", "emulated"],
+                   help="default onnxruntime")
+    p.add_argument("--provider", choices=["cpu", "cuda", "cann"],
                    help="onnxruntime execution provider (default cpu)")
     p.add_argument("--preprocess", dest="recipe",
                    help="recipe: huawei, pycls or tf-lite (default: from the model's metadata)")
     p.add_argument("--workers", type=int, help="preprocessing actors (default: one per core)")
-    p.add_argument("--in-flight", type=int, default=2, help="batches queued per device")
+    p.add_argument("--in-flight", type=int, help="batches queued per device (default 2)")
     p.add_argument("--threads", type=int, help="onnxruntime CPU threads per device")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--pure-infer", action="store_true",
+    p.add_argument("--pure-infer", action="store_true", default=None,
                    help="random input of the model's shape, no dataset (device figures)")
-    p.add_argument("--rounds", type=int, default=50, help="pure-infer batches per device")
-    p.add_argument("--save-logits", dest="keep_logits", action="store_true",
+    p.add_argument("--rounds", type=int, help="pure-infer batches per device (default 50)")
+    p.add_argument("--save-logits", dest="keep_logits", action="store_true", default=None,
                    help="stream all logits to OUT/logits.npy")
     p.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT)")
-    p.add_argument("--emulated-chips", type=int, default=4,
+    p.add_argument("--emulated-chips", type=int,
                    help="emulated chips the embedded Ray offers (default 4, one 310 card)")
     p.add_argument("--emulated-latency-ms", type=float,
                    help="fixed emulated ms per batch instead of the 310 table")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--max-errors", type=int, default=0,
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--max-errors", type=int,
                    help="unscored images tolerated before exit code 4 (default 0)")
+    g = p.add_argument_group("gates (exit 3 when one fails)")
+    g.add_argument("--expect-top1", type=float, help="published top1 %%, e.g. 77.53")
+    g.add_argument("--expect-top5", type=float, help="published top5 %%, e.g. 93.486")
+    g.add_argument("--tolerance", type=float,
+                   help="points below the published figure allowed (default 1.0)")
+    g.add_argument("--min-fps", type=float, help="minimum measured card img/s")
     p.add_argument("--demo", action="store_true",
                    help="synthetic images + random-init EN-B3 (untrained: only speed means "
                    "anything)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = RunConfig.__dataclass_fields__
-    return RunConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+def job_from_args(args: argparse.Namespace) -> Job:
+    """Defaults < job file < flags: the one place where the three meet."""
+    job = load_job(args.job) if args.job else Job(None, {}, [RunConfig.batch_size])
+    flags = {k: v for k, v in vars(args).items()
+             if k in RunConfig.__dataclass_fields__ and v is not None and k != "batch_size"}
+    job.settings.update(flags)
+    if args.model:
+        job.models_by_batch = {}
+    if args.batch_size is not None:
+        job.batch_sizes = [args.batch_size]
+    gate_flags = {"top1": args.expect_top1, "top5": args.expect_top5,
+                  "tolerance": args.tolerance, "min_fps": args.min_fps}
+    job.gates = replace(job.gates, **{k: v for k, v in gate_flags.items() if v is not None})
+    if args.max_errors is not None:
+        job.max_errors = args.max_errors
+    return job
+
+
+def run_one(cfg: RunConfig, job: Job) -> int:
+    result = run_evaluation(cfg)
+    out = Path(cfg.out)
+    perf = write_outputs(result, out)
+    print(format_table(perf, perf["accuracy"]))
+    print(f"wrote {out}/")
+    code = 0
+    failures = check_gates(job.gates, perf["accuracy"], perf["card"]["measured_fps"])
+    for line in failures:
+        print(f"evaluate: {line}", file=sys.stderr)
+    if failures:
+        code = 3
+    not_scored = perf["accuracy"]["not_scored"]
+    if not_scored > job.max_errors:
+        print(f"evaluate: {not_scored} images were not scored (see {out / 'errors.csv'}); "
+              f"--max-errors is {job.max_errors}", file=sys.stderr)
+        code = code or 4
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        job = job_from_args(args)
+    except ConfigError as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
     if args.demo:
         from . import demo
 
@@ -86,26 +135,21 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             print(f"evaluate: error: {exc}", file=sys.stderr)
             return 2
-        args.images, args.labels, args.model = str(images), str(labels), str(model)
-        args.limit = count
+        job.settings.update(images=str(images), labels=str(labels), model=str(model),
+                            limit=count)
         print("demo: the weights are UNTRAINED (random init): accuracy is chance level; "
               "only the throughput figures mean anything.", flush=True)
-    cfg = config_from_args(args)
-    try:
-        result = run_evaluation(cfg)
-    except CONFIG_ERRORS as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(cfg.out)
-    perf = write_outputs(result, out)
-    print(format_table(perf, perf["accuracy"]))
-    print(f"wrote {out}/")
-    not_scored = perf["accuracy"]["not_scored"]
-    if not_scored > args.max_errors:
-        print(f"evaluate: {not_scored} images were not scored (see {out / 'errors.csv'}); "
-              f"--max-errors is {args.max_errors}", file=sys.stderr)
-        return 4
-    return 0
+    code = 0
+    for bs in job.batch_sizes:
+        try:
+            cfg = job.config_for(bs)
+            if len(job.batch_sizes) > 1:
+                print(f"== batch size {bs} -> {cfg.out}", flush=True)
+            code = run_one(cfg, job) or code
+        except CONFIG_ERRORS as exc:
+            print(f"evaluate: error: {exc}", file=sys.stderr)
+            return 2
+    return code
 
 
 if __name__ == "__main__":
