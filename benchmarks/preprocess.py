@@ -41,7 +41,11 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def guide_tensor(path: str) -> np.ndarray:
-    """The guide's ``imagenet_torch_preprocess.py efficientnetB3``, as REFERENCE.md 3 says."""
+    """The guide's ``imagenet_torch_preprocess.py efficientnetB3``, as REFERENCE.md 3 says.
+
+    Returned C-contiguous: ``tofile`` of the strided BGR/CHW view costs ~3x more, and the
+    comparison should not depend on that detail of the guide's script.
+    """
     im = Image.open(path).convert("RGB")
     w, h = im.size
     if min(w, h) != 342:
@@ -51,7 +55,7 @@ def guide_tensor(path: str) -> np.ndarray:
     left, top = int(round((w - 300) / 2.0)), int(round((h - 300) / 2.0))
     x = np.array(im.crop((left, top, left + 300, top + 300)), dtype=np.float32) / 255.0
     x = (x - MEAN) / STD
-    return x[:, :, ::-1].transpose(2, 0, 1)
+    return np.ascontiguousarray(x[:, :, ::-1].transpose(2, 0, 1))
 
 
 def run_guide(paths: list[str], out: Path) -> None:
