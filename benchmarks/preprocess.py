@@ -1,7 +1,7 @@
 # ruff: noqa: E402 - the thread settings must come before numpy and OpenCV are imported
 """Single-core preprocessing throughput: guide ``.bin`` path vs streaming vs cache hit.
 
-Run from the repository root: ``python -m benchmarks.preprocess [--images DIR]``.
+    python benchmarks/preprocess.py [--images DIR] [--decodes 100] [--reps 5]
 
 (a) the guide's path, transcribed: PIL, float32 maths in numpy, one ``.bin`` written per image;
 (b) our streaming path: ``load_crop`` to a uint8 crop (what preprocessing actors do), then
@@ -17,13 +17,12 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["OPENBLAS_NUM_THREADS"] = "1"
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import common  # first: puts the checkout on sys.path
 import cv2
 import numpy as np
 import PIL
@@ -93,7 +92,7 @@ def build_cache(root: Path, paths: list[str]) -> CropCache:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.preprocess", description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of images")
     ap.add_argument("--decodes", type=int, default=100, help="images per repetition")
     ap.add_argument("--reps", type=int, default=5)
@@ -140,20 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     ratio = {k: rate[k] / rate["a_guide_bin"] for k in rows}
     print(f"{n} decodes of {len(unique)} images from {args.images}, huawei recipe, core {core}, "
           f"median of {args.reps} interleaved repetitions")
-    print(f"{'path':<30}{'s/rep':>9}{'img/s':>9}{'vs (a)':>9}")
-    for k, s in rows.items():
-        print(f"{k:<30}{s:>9.3f}{rate[k]:>9.1f}{ratio[k]:>8.2f}x")
+    common.print_table(
+        [{"path": k, "s_per_rep": s, "img_per_s": rate[k], "vs_guide": ratio[k]}
+         for k, s in rows.items()],
+        ["path", "s_per_rep", "img_per_s", "vs_guide"],
+    )
     print(f"to_tensor alone: {n / med['b_tensor']:.0f} img/s; "
           f"targets: b/a >= 1.5 ({ratio['b_streaming_crop']:.2f}), "
           f"c/a >= 10 ({ratio['c_cache_hit_with_to_tensor']:.2f})")
-
-    result = {
+    common.write_json(args.json, {
+        "benchmark": "preprocess",
         "images": str(args.images),
         "unique_images": len(unique),
         "decodes": n,
         "reps": args.reps,
         "core": core,
-        "cpu": platform.processor() or platform.machine(),
         "versions": {"pillow": PIL.__version__, "numpy": np.__version__,
                      "opencv": cv2.__version__},
         "seconds_per_rep": times,
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "streaming_1.5x": ratio["b_streaming_crop"] >= 1.5,
             "cache_hit_10x": ratio["c_cache_hit_with_to_tensor"] >= 10,
         },
-    }
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    })
     return 0
 
 

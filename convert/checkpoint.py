@@ -8,6 +8,7 @@ unpickling would run arbitrary code.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ def load_pycls_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint of tensors (safe weights-only loading refused it)"
+        ) from None
     except Exception as exc:  # torch raises many types for foreign or damaged files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from None

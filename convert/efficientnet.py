@@ -189,13 +189,13 @@ def init_random(model: nn.Module, seed: int, input_size: int = 300) -> None:
             elif isinstance(m, nn.Linear):
                 m.weight.normal_(0.0, 0.01, generator=gen)
                 m.bias.zero_()
-            elif isinstance(m, SE):
-                m.f_ex[2].weight.normal_(0.0, 0.01, generator=gen)
         for bn in bns:
             bn.reset_parameters()
             bn.momentum = None  # cumulative average: one batch sets the statistics exactly
         for m in model.modules():
-            if isinstance(m, MBConv) and m.has_skip:
+            if isinstance(m, SE):
+                m.f_ex[2].weight.normal_(0.0, 0.01, generator=gen)
+            elif isinstance(m, MBConv) and m.has_skip:
                 m.lin_proj_bn.weight.fill_(0.2)
         model.train()
         model(torch.randn(2, 3, input_size, input_size, generator=gen))

@@ -12,7 +12,9 @@ actors each get a ``writer()`` for their disjoint shard and append what they sto
 on to their own record file as they go, and the driver calls ``finalize()`` at the end.
 Only ``finalize`` writes ``manifest.json`` (atomically), after checking that every index is
 stored or a recorded error.  A cache without a valid manifest (a crashed or resumed run) is
-never read: the next ``open`` rebuilds it from scratch.
+never read: the next ``open`` rebuilds it from scratch.  Caches of other keys are never
+touched (delete old ``DIR/<key>`` folders by hand); ``DIR/<key>.lock`` is the build lock,
+released when the building driver finalizes, closes or dies.
 
 The directory must be the same path on every node that runs a preprocessing actor (one
 host, or a shared filesystem).
@@ -104,7 +106,7 @@ class CropCache:
             ) from None
         cache._lock = lock
         try:
-            if cache._load_manifest():  # finished by another run while we waited
+            if cache._load_manifest():  # another run finished it since our first look
                 cache.close()
                 return cache
             cache._create()

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="pure-infer batches per device (default 50)")
     p.add_argument("--save-logits", dest="keep_logits", action="store_true", default=None,
                    help="stream all logits to OUT/logits.npy")
+    p.add_argument("--cache", help="folder for decoded crops: later runs skip decoding")
     p.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT)")
     p.add_argument("--emulated-chips", type=int,
                    help="emulated chips the embedded Ray offers (default 4, one 310 card)")

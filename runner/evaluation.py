@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -18,6 +20,7 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from .backends import BACKENDS, BackendOptions
+from .cache import CacheBusyError, CacheError, CropCache
 from .dataset import Dataset, ImageIssue, load_dataset
 from .devices import DeviceRef, cpu_slots, parse_devices, resolve_devices
 from .journal import Journal
@@ -62,12 +65,15 @@ class RunConfig:
     pure_infer: bool = False
     rounds: int = 50
     keep_logits: bool = False
+    cache: str | None = None  # folder of decoded-crop caches
     address: str | None = None
     emulated_chips: int = 4
     emulated_latency_ms: float | None = None
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    # Extra backend options per device id (str), e.g. the emulated fault hook; tests only.
+    backend_extra: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -98,6 +104,7 @@ class RunResult:
     num_classes: int
     issues: list[ImageIssue] = field(default_factory=list)
     resumed_images: int = 0
+    cache: str = "off"  # off | hit | built | partial
 
     @property
     def scored(self) -> np.ndarray:
@@ -180,6 +187,7 @@ def start_devices(
     cfg: RunConfig, backend: str, provider: str, recipe: str, refs: list[DeviceRef]
 ) -> list[DeviceState]:
     """One actor per device; fails with a ConfigError naming the device that cannot open."""
+    run_id = uuid.uuid4().hex[:8]
     cores = cpu_slots()
     threads = cfg.threads or max(1, cores // len(refs))
     opts = device_actor_options(backend, provider)
@@ -191,11 +199,12 @@ def start_devices(
             threads=threads,
             provider=provider,
             emulated_latency_ms=cfg.emulated_latency_ms,
-            extra={"image_size": get_recipe(recipe).crop},
+            extra={"image_size": get_recipe(recipe).crop, **cfg.backend_extra.get(str(ref), {})},
         )
         if ref.node:
             raise ConfigError(f"--devices: node-qualified device {ref} needs a cluster (--address)")
-        actor = ray.remote(DeviceWorker).options(**opts).remote(
+        name = f"cardrunner-{run_id}-device-{ref}"
+        actor = ray.remote(DeviceWorker).options(name=name, **opts).remote(
             backend, model, str(ref), ref.index, options, recipe, cfg.keep_logits, env
         )
         actors.append((ref, actor))
@@ -251,6 +260,8 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
         model_sha = file_sha256(cfg.model)
     elif cfg.backend != "emulated":
         raise ConfigError("--model is required (only --backend emulated runs without one)")
+    if cfg.model and cfg.backend == "onnxruntime" and not str(cfg.model).endswith(".onnx"):
+        raise ConfigError(f"--model: {cfg.model} is not .onnx; .om models need --backend acl")
     recipe = cfg.recipe or meta.get("cardrunner.recipe") or "huawei"
     try:
         get_recipe(recipe)
@@ -353,9 +364,11 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
     workers = max(1, min(workers, math.ceil(len(todo) / cfg.batch_size) or 1))
     bounds = np.linspace(0, len(todo), workers + 1).astype(int) if todo else []
     shards = [todo[a:b] for a, b in pairwise(bounds)]
+    cache = open_cache(cfg.cache, recipe, n, header["images"], resumed) if cfg.cache else None
     prep_cpus = min(1.0, cpu_slots() / max(1, len(shards)))
     preps = [
-        ray.remote(Preprocessor).options(num_cpus=prep_cpus).remote(s, recipe) for s in shards
+        ray.remote(Preprocessor).options(num_cpus=prep_cpus).remote(s, recipe, cache)
+        for s in shards
     ]
     batches = plan_batches([len(s) for s in shards], cfg.batch_size)
     stats: list[BatchStat] = []
@@ -395,9 +408,30 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
             logits_mm.flush()
         for p in preps:
             ray.kill(p)
+        if cache is not None:
+            cache_state = "hit" if cache.complete else ("built" if cache.finalize() else "partial")
+            cache.close()
     labels = np.asarray(dataset.labels, dtype=np.int64) if dataset.labels is not None else None
     return RunResult(cfg, recipe, meta, model_sha, _device_infos(devices), outcome, stats, n,
-                     dataset.names, labels, top, num_classes, issues, resumed)
+                     dataset.names, labels, top, num_classes, issues, resumed,
+                     cache_state if cache is not None else "off")
+
+
+def open_cache(root: str, recipe: str, n: int, fingerprint: str, resumed: int) -> CropCache | None:
+    """The decoded-crop cache for this image list, or None when it cannot be used now."""
+    log = logging.getLogger("cardrunner")
+    try:
+        cache = CropCache.open(root, get_recipe(recipe), n, fingerprint)
+    except CacheBusyError as exc:
+        log.warning("%s; running without the cache", exc)
+        return None
+    except CacheError as exc:
+        raise ConfigError(f"--cache: {exc}") from None
+    if not cache.complete and resumed:
+        log.warning("--cache: a resumed run cannot fill the whole cache; running without it")
+        cache.close()
+        return None
+    return cache
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from .backends import BackendOptions, open_backend
+from .cache import CropCache
 from .devices import DeviceRef
 from .metrics import TOPK, topk_indices
 from .preprocess import ImageError, get_recipe, load_crop, to_tensor
@@ -48,21 +49,33 @@ MAX_DEVICE_FAILURES = 2
 class Preprocessor:
     """Owns one shard of the image list and turns batches of it into crops."""
 
-    def __init__(self, shard: list[tuple[int, str]], recipe: str):
+    def __init__(self, shard: list[tuple[int, str]], recipe: str, cache: CropCache | None = None):
         self.shard = shard
         self.recipe = get_recipe(recipe)
         self.host = socket.gethostname()
+        self.cache = cache
+        self.writer = cache.writer() if cache is not None and not cache.complete else None
 
     def load(self, start: int, stop: int) -> dict[str, Any]:
         """Positions [start, stop) of this shard -> stacked crops plus per-image errors."""
         t0 = time.time()
+        part = self.shard[start:stop]
+        if self.cache is not None and self.cache.complete:
+            pixels, idx, errs = self.cache.batch([i for i, _ in part])
+            return {"pixels": pixels, "indices": idx, "errors": errs, "decode_s": time.time() - t0}
         crops, indices, errors = [], [], []
-        for index, path in self.shard[start:stop]:
+        for index, path in part:
             try:
-                crops.append(load_crop(path, self.recipe))
-                indices.append(index)
+                crop = load_crop(path, self.recipe)
             except ImageError as exc:
                 errors.append((index, str(exc)))
+                if self.writer:
+                    self.writer.put_error(index, str(exc))
+                continue
+            crops.append(crop)
+            indices.append(index)
+            if self.writer:
+                self.writer.put(index, crop)
         shape = (0, self.recipe.crop, self.recipe.crop, 3)
         pixels = np.stack(crops) if crops else np.zeros(shape, self.recipe.wire_dtype)
         return {
@@ -269,7 +282,7 @@ def drive(
         try:
             result = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            reason = _one_line(exc)
+            reason = one_line(exc)
             fail(dev, reason, fatal=isinstance(exc, RayActorError))
             if attempts + 1 >= MAX_BATCH_ATTEMPTS or not any(d.alive for d in devices):
                 given_up.append((batch.id, reason))
@@ -295,7 +308,7 @@ def drive(
     return DriveOutcome(time.time() - started, started, devices, given_up)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """The innermost error message of a Ray exception, on one line."""
     cause = getattr(exc, "cause", None)
     if cause is not None and not isinstance(cause, RayTaskError):

@@ -65,7 +65,7 @@ def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tup
     """Run ``write_bins`` over chunks on Ray, ``workers`` tasks at a time; return failures."""
     import ray
 
-    from .pipeline import _one_line, start_ray
+    from .pipeline import one_line, start_ray
 
     start_ray(None, {})
     task = ray.remote(num_cpus=1)(write_bins)
@@ -83,7 +83,7 @@ def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tup
             try:
                 failed += ray.get(ref)
             except ray.exceptions.RayError as exc:  # a crashed worker: its chunk is lost
-                failed += [(src, _one_line(exc)) for src, _ in chunk]
+                failed += [(src, one_line(exc)) for src, _ in chunk]
             bar.update(len(chunk))
     return failed
 

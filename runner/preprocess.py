@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 #: Images with more pixels than this are refused as decompression bombs (PIL's own default
 #: is 89.5 M; ImageNet's largest validation image has about 10 M).
@@ -160,7 +160,17 @@ def tf_crop_box(width: int, height: int, recipe: Recipe) -> tuple[int, int, int]
 # --------------------------------------------------------------------------- decoding
 
 
+def _check_file(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    if size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
 def _open_pil(path: Path) -> Image.Image:
+    _check_file(path)
     try:
         im = Image.open(path)
         if im.width * im.height > MAX_IMAGE_PIXELS:
@@ -174,18 +184,15 @@ def _open_pil(path: Path) -> Image.Image:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"decompression bomb: {exc}") from None
-    except FileNotFoundError:
-        raise ImageError("file not found") from None
+    except UnidentifiedImageError:
+        raise ImageError("cannot decode: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode: {exc}") from None
+        raise ImageError(f"cannot decode: {str(exc).replace(str(path), '<file>')}") from None
 
 
 def _decode_cv2(path: Path) -> np.ndarray:
-    if not path.exists():
-        raise ImageError("file not found")
+    _check_file(path)
     data = np.fromfile(path, dtype=np.uint8)
-    if data.size == 0:
-        raise ImageError("cannot decode: empty file")
     # Check the pixel count from the header before cv2 allocates the full image.
     try:
         with Image.open(path) as probe:

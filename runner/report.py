@@ -99,6 +99,7 @@ def accuracy_summary(result: RunResult) -> dict[str, Any]:
         "scored": scored,
         "not_scored": len(result.issues),
         "resumed_images": result.resumed_images,
+        "cache": result.cache,
     }
     if acc is not None:
         out.update({f"top{k}": acc.percent(k) for k in range(1, len(acc.topk) + 1)})

@@ -90,3 +90,16 @@ def test_out_dir_holding_a_run_is_refused(ray_session, tiny_model, images64, tmp
                     progress=False)
     with pytest.raises(ConfigError, match="--resume.*--overwrite"):
         run_evaluation(cfg)
+
+
+def test_decoded_cache_is_built_then_hit_with_identical_predictions(ray_session, images64,
+                                                                    tmp_path):
+    folder, labels = images64
+    runs = []
+    for name in ("first", "second"):
+        cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels),
+                        devices="0-1", batch_size=8, out=str(tmp_path / name), progress=False,
+                        emulated_latency_ms=1.0, cache=str(tmp_path / "cache"))
+        runs.append(run_evaluation(cfg))
+    assert [r.cache for r in runs] == ["built", "hit"]
+    assert np.array_equal(runs[0].top, runs[1].top) and (runs[0].top >= 0).all()

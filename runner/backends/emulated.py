@@ -9,6 +9,7 @@ Every figure produced with this backend is emulated and reports say so.
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from itertools import pairwise
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import BackendOptions, InputSpec
+from . import BackendError, BackendOptions, InputSpec
 
 #: Ascend 310, EfficientNet-B3, ms per batch implied by the guide's figures.
 LATENCY_MS_310 = {1: 8.29, 4: 25.5, 8: 48.4, 16: 95.2, 32: 186.9}
@@ -54,12 +55,21 @@ class EmulatedBackend:
         self.num_classes = NUM_CLASSES
         self.device_id = device_id
         self._fixed_ms = options.emulated_latency_ms
+        # Test-only fault hook (no CLI flag): {"after": n, "mode": "raise" | "exit"} makes this
+        # chip fail on its (n+1)-th batch, by raising or by killing its actor process.
+        self._fault = options.extra.get("fault")
+        self._batches = 0
 
     def latency_s(self, batch: int) -> float:
         ms = self._fixed_ms if self._fixed_ms is not None else batch_latency_ms(batch)
         return ms / 1000.0
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        if self._fault and self._batches >= self._fault["after"]:
+            if self._fault["mode"] == "exit":
+                os._exit(1)
+            raise BackendError(f"emulated chip {self.device_id}: injected fault")
+        self._batches += 1
         t0 = time.perf_counter()
         logits = np.stack([emulated_logits(img, self.num_classes) for img in batch])
         deadline = t0 + self.latency_s(len(batch))

@@ -1,0 +1,197 @@
+"""Nothing lost: dying devices, a killed driver, broken images, bad configuration."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from conftest import write_images
+from PIL import Image
+
+from runner.backends.emulated import emulated_logits
+from runner.evaluation import RunConfig, run_evaluation
+from runner.metrics import topk_indices
+from runner.preprocess import get_recipe, load_crop
+from runner.report import write_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def expected_top(folder, names):
+    recipe = get_recipe("huawei")
+    return topk_indices(np.stack([emulated_logits(load_crop(folder / n, recipe)) for n in names]))
+
+
+def journal_indices(out):
+    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
+    return sorted(i for line in lines for i in json.loads(line)["indices"])
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit"])
+def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, tmp_path, mode):
+    folder, labels = images64
+    out = tmp_path / "run"
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
+                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=5.0,
+                    backend_extra={"2": {"fault": {"after": 2, "mode": mode}}})
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, out)
+    assert journal_indices(out) == list(range(64))  # every image exactly once
+    assert np.array_equal(result.top, expected_top(folder, result.names))
+    dead = {d["id"]: d for d in perf["devices"]}["2"]
+    assert dead["failed_at_s"] is not None and dead["moved_batches"] >= 1
+    assert ("injected fault" in dead["failure"]) if mode == "raise" else dead["failure"]
+    assert dead["images"] == 4  # its two good batches
+    assert perf["accuracy"]["not_scored"] == 0
+
+
+def test_a_killed_device_actor_mid_run(ray_session, images64, tmp_path):
+    folder, labels = images64
+    out = tmp_path / "run"
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
+                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=20.0)
+
+    def killer():
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            names = [a for a in ray.util.list_named_actors() if a.endswith("-device-1")]
+            lines = (out / "journal.jsonl").read_text().count("\n") if (
+                out / "journal.jsonl").exists() else 0
+            if names and lines > 4:
+                ray.kill(ray.get_actor(names[0]))
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    result = run_evaluation(cfg)
+    t.join()
+    perf = write_outputs(result, out)
+    assert journal_indices(out) == list(range(64))
+    assert np.array_equal(result.top, expected_top(folder, result.names))
+    assert {d["id"]: d for d in perf["devices"]}["1"]["failed_at_s"] is not None
+
+
+def evaluate_cmd(folder, labels, out, *extra):
+    return [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-1",
+            "--images", str(folder), "--labels", str(labels), "--batch-size", "2",
+            "--emulated-latency-ms", "60", "--out", str(out), "--no-progress", *extra]
+
+
+def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
+    folder, labels = images64
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    whole = subprocess.run(evaluate_cmd(folder, labels, tmp_path / "whole"), env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "crashed"
+    proc = subprocess.Popen(evaluate_cmd(folder, labels, out), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    journal = out / "journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if journal.exists() and journal.read_text().count("\n") > 8:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(journal, "a") as f:
+        f.write('{"batch": 99, "device": "0", "indi')  # a torn last line
+    assert not (out / "result.json").exists()
+
+    refused = subprocess.run(evaluate_cmd(folder, labels, out), env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(evaluate_cmd(folder, labels, out, "--resume"), env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "result.json").read_text() == (tmp_path / "whole" / "result.json").read_text()
+    assert journal_indices(out) == list(range(64))
+    perf = json.loads((out / "perf.json").read_text())
+    assert 0 < perf["accuracy"]["resumed_images"] < 64
+
+
+def broken_folder(root: Path) -> tuple[Path, Path, dict[str, str]]:
+    """Good images plus every kind of bad input; returns (folder, labels, bad name -> reason)."""
+    folder = root / "broken"
+    labels = write_images(folder, 6)
+    lines = labels.read_text().splitlines()
+    rgb = Image.new("RGB", (400, 320), (120, 40, 200))
+    scored = {
+        "ILSVRC2012_val_00000101.JPEG": lambda p: rgb.convert("CMYK").save(p, "JPEG"),
+        "ILSVRC2012_val_00000102.JPEG": lambda p: rgb.convert("L").save(p, "JPEG"),
+        "ILSVRC2012_val_00000103.JPEG": lambda p: rgb.save(p, "JPEG", progressive=True),
+        "ILSVRC2012_val_00000104.JPEG": lambda p: rgb.save(p, "PNG"),
+    }
+    for name, save in scored.items():
+        save(folder / name)
+    good = (folder / "ILSVRC2012_val_00000001.JPEG").read_bytes()
+    (folder / "ILSVRC2012_val_00000201.JPEG").write_bytes(b"")
+    (folder / "ILSVRC2012_val_00000202.JPEG").write_bytes(good[: len(good) // 3])
+    (folder / "ILSVRC2012_val_00000203.JPEG").write_text("not an image at all\n")
+    Image.new("1", (9000, 9000)).save(folder / "ILSVRC2012_val_00000204.JPEG", "PNG")
+    (folder / "ILSVRC2012_val_00000206.JPEG").write_bytes(good)  # no label
+    names = list(scored) + [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (201, 202, 203, 204)]
+    lines += [f"{n} 7" for n in names] + ["ILSVRC2012_val_00000205.JPEG 3"]  # 205: missing
+    labels.write_text("\n".join(lines) + "\n")
+    bad = {"ILSVRC2012_val_00000201": "empty", "ILSVRC2012_val_00000202": "decode",
+           "ILSVRC2012_val_00000203": "decode", "ILSVRC2012_val_00000204": "decompression",
+           "ILSVRC2012_val_00000205": "no file", "ILSVRC2012_val_00000206": "no label"}
+    return folder, labels, bad
+
+
+def test_broken_inputs_are_named_in_errors_csv_and_the_run_finishes(tmp_path):
+    folder, labels, bad = broken_folder(tmp_path)
+    out = tmp_path / "run"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-1",
+         "--images", str(folder), "--labels", str(labels), "--batch-size", "4", "--out",
+         str(out), "--no-progress"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 4, proc.stderr  # 6 errors > --max-errors 0
+    assert "6 images were not scored" in proc.stderr
+    rows = [line.split(",", 2) for line in (out / "errors.csv").read_text().splitlines()[1:]]
+    reasons = {r[0].split(".")[0]: r[2] for r in rows}
+    assert set(reasons) == set(bad)
+    for key, word in bad.items():
+        assert word in reasons[key].lower(), (key, reasons[key])
+    perf = json.loads((out / "perf.json").read_text())
+    assert perf["accuracy"]["scored"] == 10 and perf["accuracy"]["not_scored"] == 6
+    result = json.loads((out / "result.json").read_text())
+    assert result["value"][0]["value"] == "10"
+    ok = subprocess.run(proc.args + ["--overwrite", "--max-errors", "6"], env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"devices": "0-11"}, "emulated chips (--emulated-chips) exist"),
+        ({"labels": "/nonexistent/val_label.txt"}, "does not exist"),
+        ({"backend": "acl", "model": "__om__"}, "pyACL"),
+        ({"backend": "onnxruntime", "model": "__om__"}, "--backend acl"),
+    ],
+)
+def test_bad_configuration_is_one_line(ray_session, images64, tmp_path, kwargs, message):
+    folder, labels = images64
+    om = tmp_path / "model_bs16.om"
+    om.write_bytes(b"not really an om")
+    settings = {"backend": "emulated", "images": str(folder), "labels": str(labels),
+                "out": str(tmp_path / "run"), "progress": False, "emulated_chips": 4} | kwargs
+    if settings.get("model") == "__om__":
+        settings["model"] = str(om)
+    from runner.evaluate import CONFIG_ERRORS
+
+    with pytest.raises(CONFIG_ERRORS) as err:
+        run_evaluation(RunConfig(**settings))
+    assert message in str(err.value) and "\n" not in str(err.value)
