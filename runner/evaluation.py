@@ -40,7 +40,7 @@ from .pipeline import (
 from .preprocess import get_recipe
 
 RUN_FILES = ("journal.jsonl", "result.json", "perf.json", "logits.npy", "errors.csv",
-             "predictions.csv")
+             "predictions.csv", "per_class.csv", "timeline.png")
 
 
 class ConfigError(ValueError):
@@ -86,6 +86,8 @@ class BatchStat:
     infer_s: float
     convert_s: float
     decode_s: float
+    handoff_s: float  # payload ready in the preprocessor -> device method starts (transfer+queue)
+    post_s: float = 0.0  # driver: scoring bookkeeping, journal, logits for this batch
 
 
 @dataclass
@@ -105,6 +107,7 @@ class RunResult:
     issues: list[ImageIssue] = field(default_factory=list)
     resumed_images: int = 0
     cache: str = "off"  # off | hit | built | partial
+    workers: int = 0  # preprocessing actors
 
     @property
     def scored(self) -> np.ndarray:
@@ -295,7 +298,7 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
 
 def _stat(r: dict[str, Any]) -> BatchStat:
     return BatchStat(r["device"], r["n"], r["start"], r["run_start"], r["run_end"],
-                     r["infer_s"], r["convert_s"], r["decode_s"])
+                     r["infer_s"], r["convert_s"], r["decode_s"], r["handoff_s"])
 
 
 def _run_pure_infer(cfg, recipe, meta, model_sha, devices, num_classes) -> RunResult:
@@ -370,11 +373,13 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
         ray.remote(Preprocessor).options(num_cpus=prep_cpus).remote(s, recipe, cache)
         for s in shards
     ]
+    ray.get([p.ready.remote() for p in preps])  # actor start-up is not part of the timed run
     batches = plan_batches([len(s) for s in shards], cfg.batch_size)
     stats: list[BatchStat] = []
     bar = tqdm(total=n, initial=resumed, unit="img", disable=not cfg.progress, desc="evaluate")
 
     def on_result(r: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
         idx = r["indices"]
         if len(idx):
             top[idx] = r["top"]
@@ -384,8 +389,9 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
             issues.append(ImageIssue(dataset.names[i], reason, int(i)))
         journal.append({"batch": r["batch"], "device": r["device"], "indices": idx.tolist(),
                         "top": r["top"].tolist(), "errors": r["errors"]})
-        stats.append(_stat(r))
         bar.update(len(idx) + len(r["errors"]))
+        stats.append(_stat(r))
+        stats[-1].post_s = time.perf_counter() - t0
 
     def on_give_up(batch, reason: str) -> None:
         for i, _ in shards[batch.shard][batch.start : batch.stop]:
@@ -414,7 +420,7 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
     labels = np.asarray(dataset.labels, dtype=np.int64) if dataset.labels is not None else None
     return RunResult(cfg, recipe, meta, model_sha, _device_infos(devices), outcome, stats, n,
                      dataset.names, labels, top, num_classes, issues, resumed,
-                     cache_state if cache is not None else "off")
+                     cache_state if cache is not None else "off", len(preps))
 
 
 def open_cache(root: str, recipe: str, n: int, fingerprint: str, resumed: int) -> CropCache | None:

@@ -56,13 +56,17 @@ class Preprocessor:
         self.cache = cache
         self.writer = cache.writer() if cache is not None and not cache.complete else None
 
+    def ready(self) -> bool:
+        return True
+
     def load(self, start: int, stop: int) -> dict[str, Any]:
         """Positions [start, stop) of this shard -> stacked crops plus per-image errors."""
         t0 = time.time()
         part = self.shard[start:stop]
         if self.cache is not None and self.cache.complete:
             pixels, idx, errs = self.cache.batch([i for i, _ in part])
-            return {"pixels": pixels, "indices": idx, "errors": errs, "decode_s": time.time() - t0}
+            return {"pixels": pixels, "indices": idx, "errors": errs, "decode_s": time.time() - t0,
+                    "ready_at": time.time()}
         crops, indices, errors = [], [], []
         for index, path in part:
             try:
@@ -83,6 +87,7 @@ class Preprocessor:
             "indices": np.asarray(indices, dtype=np.int64),
             "errors": errors,
             "decode_s": time.time() - t0,
+            "ready_at": time.time(),
         }
 
 
@@ -156,6 +161,7 @@ class DeviceWorker:
             "logits": logits if self.keep_logits else None,
             "errors": payload.get("errors", []),
             "decode_s": payload.get("decode_s", 0.0),
+            "handoff_s": max(0.0, start - payload.get("ready_at", start)),
             "convert_s": convert_s,
             "infer_s": infer_s,
             "start": start,

@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from .classes import class_table, short_name
 from .evaluation import RunResult, config_dict, now_iso
+from .metrics import hit_ranks, label_offset
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -66,6 +68,7 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "mode": "pure-infer" if cfg.pure_infer else "dataset",
         "devices": devices,
         "card": card,
+        "stages": stage_rates(result, card),
         "environment": {
             "backend": result.devices[0]["backend"],
             "provider": result.devices[0]["provider"],
@@ -79,6 +82,38 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
             "versions": _versions(),
         },
         "config": config_dict(cfg),
+    }
+
+
+def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
+    """Capacity of each stage in img/s (its work rate x its parallelism) and the bound one.
+
+    decode = read + decode + resize + crop in the preprocessing actors; preprocess = the
+    float conversion in the device actors; handoff = median ms from a batch being ready in
+    its preprocessor to its device call starting (object transfer + queueing); infer = the
+    sum of compute-only rates; post = the driver's per-batch bookkeeping.
+    """
+    stats = [s for s in result.stats if s.n]
+    images = sum(s.n for s in stats)
+    ndev = max(1, len(result.devices))
+
+    def capacity(seconds: float, parallel: int) -> float | None:
+        return round(images / seconds * parallel, 2) if seconds > 0 and images else None
+
+    rates = {
+        "decode": capacity(sum(s.decode_s for s in stats), max(1, result.workers)),
+        "preprocess": capacity(sum(s.convert_s for s in stats), ndev),
+        "infer": card["sum_compute_fps"] or None,
+        "post": capacity(sum(s.post_s for s in stats), 1),
+    }
+    if result.config.pure_infer:
+        rates["decode"] = None  # no dataset: the batch is made once
+    known = {k: v for k, v in rates.items() if v}
+    handoff = [s.handoff_s for s in stats]
+    return {
+        "capacity_fps": rates,
+        "handoff_p50_ms": _pct(handoff, 50),
+        "bound_by": min(known, key=known.get) if known else None,
     }
 
 
@@ -128,6 +163,9 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
         f"      guide-style one-chip x {card['devices']}: {card['extrapolated_fps']:.2f} img/s;"
         f" efficiency (measured / sum of compute-only): {card['efficiency']:.1%}",
     ]
+    stages = perf["stages"]
+    caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
+    lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")
     if accuracy and "top1" in accuracy:
         lines.append(
             f"accuracy: top1 {accuracy['top1']}%  top5 {accuracy['top5']}%  over "
@@ -136,13 +174,114 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: RunResult, out: Path) -> dict[str, Any]:
-    """Write result.json, perf.json, predictions.csv and errors.csv; return perf."""
+def guide_perf_lines(result: RunResult, perf: dict[str, Any], device: dict[str, Any]) -> str:
+    """``perf_vision_batchsize_{bs}_device_{id}.txt`` in the benchmark tool's five-line form.
+
+    [e2e] this device's images / wall s, and the wall ms; [data read] and [preprocess]
+    1000 / ms per image of decoding and of float conversion; [infer] e2e rate, Interface
+    (compute-only) rate, wall ms per image; [post] batches / wall s and ms per batch.
+    """
+    wall = perf["card"]["wall_s"]
+    mine = [s for s in result.stats if s.device == device["id"] and s.n]
+    n = max(1, device["images"])
+    read_ms = 1000 * sum(s.decode_s for s in mine) / n
+    prep_ms = 1000 * sum(s.convert_s for s in mine) / n
+    e2e = device["images"] / wall if wall else 0.0
+    batch_rate = len(mine) / wall if wall else 0.0
+
+    def rate(ms: float) -> float:
+        return 1000 / ms if ms else 0.0
+
+    return (
+        f"[e2e] throughputRate: {e2e:.6g}, latency: {wall * 1000:.6g}\n"
+        f"[data read] throughputRate: {rate(read_ms):.6g}, moduleLatency: {read_ms:.6g}\n"
+        f"[preprocess] throughputRate: {rate(prep_ms):.6g}, moduleLatency: {prep_ms:.6g}\n"
+        f"[infer] throughputRate: {e2e:.6g}, Interface throughputRate: "
+        f"{device['compute_fps']:.6g}, moduleLatency: {1000 * wall / n:.6g}\n"
+        f"[post] throughputRate: {batch_rate:.6g}, moduleLatency: {rate(batch_rate):.6g}\n"
+    )
+
+
+def per_class_rows(result: RunResult, synsets: str | None = None) -> list[list[Any]]:
+    """[class, wnid, name, images, top1 %, top5 %] for every class that has scored images."""
+    idx = result.scored
+    labels = result.labels[idx]
+    ranks = hit_ranks(result.top[idx], labels, result.num_classes)
+    table = class_table(synsets)
+    rows = []
+    for c in np.unique(labels):
+        mine = ranks[labels == c]
+        wnid, name = table[c] if c < len(table) else ("", "")
+        rows.append([int(c), wnid, name, int(mine.size),
+                     round(100 * float(np.mean(mine == 0)), 2),
+                     round(100 * float(np.mean(mine >= 0)), 2)])
+    return rows
+
+
+def format_examples(result: RunResult, count: int, synsets: str | None = None) -> str:
+    """The first ``count`` scored images with their label and top-5 names."""
+    off = label_offset(result.num_classes)
+    lines = []
+    for i in result.scored[:count]:
+        label = short_name(int(result.labels[i]), synsets) if result.labels is not None else "?"
+        top = ", ".join(short_name(int(c) - off, synsets) for c in result.top[i])
+        lines.append(f"{result.names[i]}  label: {label}  top-5: {top}")
+    return "\n".join(lines)
+
+
+def write_timeline(result: RunResult, path: Path) -> str | None:
+    """Busy intervals per device and the card's img/s over time; None when drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "timeline.png skipped: matplotlib is not installed (pip install cardrunner[plot])"
+    t0 = result.outcome.started
+    devices = [d["device"] for d in result.devices]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 + 0.5 * len(devices)), sharex=True,
+                                      gridspec_kw={"height_ratios": [max(1, len(devices)), 2]})
+    for row, dev in enumerate(devices):
+        spans = [(s.run_start - t0, s.run_end - s.run_start) for s in result.stats
+                 if s.device == dev and s.n]
+        top.broken_barh(spans, (row - 0.4, 0.8), color=f"C{row % 10}", edgecolor="white",
+                        linewidth=0.3)
+    top.set_yticks(range(len(devices)), [f"device {d}" for d in devices])
+    emulated = " (EMULATED chips)" if any(d["emulated"] for d in result.devices) else ""
+    top.set_title(f"busy intervals per device{emulated}")
+    ends = np.array([s.run_end - t0 for s in result.stats])
+    counts = np.array([s.n for s in result.stats])
+    width = max(0.25, result.outcome.wall_s / 60)
+    bins = np.arange(0, result.outcome.wall_s + width, width)
+    hist, _ = np.histogram(ends, bins=bins, weights=counts)
+    bottom.step(bins[:-1], hist / width, where="post")
+    bottom.set_ylabel("card img/s")
+    bottom.set_xlabel("seconds since the first batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def write_outputs(result: RunResult, out: Path, synsets: str | None = None) -> dict[str, Any]:
+    """Write every file of a run folder (see README); return perf.json's content."""
     perf = perf_summary(result)
     acc = result.accuracy()
     perf["accuracy"] = accuracy_summary(result)
     if acc is not None:
         (out / "result.json").write_text(acc.to_guide_json())
+        with open(out / "per_class.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "wnid", "name", "images", "top1_pct", "top5_pct"])
+            w.writerows(per_class_rows(result, synsets))
+    for d in perf["devices"]:
+        name = f"perf_vision_batchsize_{result.config.batch_size}_device_{d['id']}.txt"
+        (out / name).write_text(guide_perf_lines(result, perf, d))
+    if result.stats:
+        note = write_timeline(result, out / "timeline.png")
+        if note:
+            perf["notes"] = [note]
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     if result.names:
         with open(out / "predictions.csv", "w", newline="") as f:

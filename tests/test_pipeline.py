@@ -1,6 +1,7 @@
 """End-to-end runs through Ray: every image scored exactly once, figures consistent."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -12,6 +13,7 @@ from runner.metrics import topk_indices
 from runner.pipeline import plan_batches
 from runner.preprocess import get_recipe, load_crop, to_tensor
 from runner.report import write_outputs
+from runner.score import score_outputs
 
 
 def test_plan_batches_interleaves_shards_and_covers_everything():
@@ -25,9 +27,29 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
                                                          tmp_path):
     folder, labels = images64
     cfg = RunConfig(model=str(tiny_model), images=str(folder), labels=str(labels),
-                    devices="0-1", batch_size=5, out=str(tmp_path / "run"), progress=False)
+                    devices="0-1", batch_size=5, out=str(tmp_path / "run"), progress=False,
+                    keep_logits=True)
     result = run_evaluation(cfg)
     perf = write_outputs(result, tmp_path / "run")
+    written = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"result.json", "perf.json", "predictions.csv", "per_class.csv", "errors.csv",
+            "journal.jsonl", "logits.npy", "timeline.png", "perf_vision_batchsize_5_device_0.txt",
+            "perf_vision_batchsize_5_device_1.txt"} <= written
+    five = (tmp_path / "run" / "perf_vision_batchsize_5_device_1.txt").read_text().splitlines()
+    assert [line.split("]")[0] + "]" for line in five] == [
+        "[e2e]", "[data read]", "[preprocess]", "[infer]", "[post]"]
+    assert f"Interface throughputRate: {perf['devices'][1]['compute_fps']:.6g}" in five[3]
+
+    # runner.score on guide-style text outputs of the same logits reproduces result.json.
+    dump = tmp_path / "dumpOutput_device0"
+    dump.mkdir()
+    logits = np.load(tmp_path / "run" / "logits.npy")
+    for name, row in zip(result.names, logits, strict=True):
+        (dump / f"{name.split('.')[0]}_1.txt").write_text(" ".join(f"{v}" for v in row) + " ")
+    (dump / "sumary.json").write_text("{}")
+    acc, skipped = score_outputs(dump, labels)
+    assert acc.to_guide_json() == (tmp_path / "run" / "result.json").read_text()
+    assert [Path(f).name for f, _ in skipped] == ["sumary.json"]
 
     journal = (tmp_path / "run" / "journal.jsonl").read_text().splitlines()[1:]
     seen = np.concatenate([json.loads(line)["indices"] for line in journal])
