@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream all logits to OUT/logits.npy")
     p.add_argument("--cache", help="folder for decoded crops: later runs skip decoding")
     p.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT)")
+    p.add_argument("--dashboard", action="store_true", default=None,
+                   help="start the embedded Ray's dashboard (on 127.0.0.1)")
     p.add_argument("--emulated-chips", type=int,
                    help="emulated chips the embedded Ray offers (default 4, one 310 card)")
     p.add_argument("--emulated-latency-ms", type=float,

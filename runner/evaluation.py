@@ -67,6 +67,7 @@ class RunConfig:
     keep_logits: bool = False
     cache: str | None = None  # folder of decoded-crop caches
     address: str | None = None
+    dashboard: bool = False  # the embedded Ray's dashboard (on 127.0.0.1)
     emulated_chips: int = 4
     emulated_latency_ms: float | None = None
     resume: bool = False
@@ -278,7 +279,7 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
         dataset = load_dataset(cfg.images, cfg.labels, cfg.limit)
     prepare_out_dir(out, cfg.resume, cfg.overwrite)
 
-    start_ray(cfg.address, {EMULATED_RESOURCE: cfg.emulated_chips})
+    start_ray(cfg.address, {EMULATED_RESOURCE: cfg.emulated_chips}, cfg.dashboard)
     backend, provider = _resolve_backend(cfg)
     count, what = available_devices(backend, provider)
     refs = resolve_devices(selection, count, what)

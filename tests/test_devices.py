@@ -51,3 +51,9 @@ def test_cli_bad_devices_exits_2_with_one_line(tiny_model, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "--devices" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_embedded_ray_listens_on_loopback_only(ray_session):
+    nodes = ray_session.nodes()
+    assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+    assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")

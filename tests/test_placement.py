@@ -1,0 +1,40 @@
+"""Ray placement: one actor per chip, the resource each backend asks for, backend auto."""
+
+import os
+
+import ray
+
+from runner.evaluation import RunConfig, _resolve_backend
+from runner.pipeline import EMULATED_RESOURCE, device_actor_options, visible_devices_env
+
+
+def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
+    class ChipProbe:  # defined here so Ray ships it by value to the workers
+        def chip(self) -> dict:
+            return {"visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+                    "npu_ids": ray.get_runtime_context().get_accelerator_ids().get("NPU")}
+
+    opts = device_actor_options("acl", "cpu")
+    assert opts["resources"] == {"NPU": 1} and opts["num_cpus"] == 0
+    actors = [ray.remote(ChipProbe).options(**opts).remote() for _ in range(4)]
+    chips = ray.get([a.chip.remote() for a in actors])
+    visible = sorted(c["visible"] for c in chips)
+    assert visible == ["0", "1", "2", "3"]  # Ray set ASCEND_RT_VISIBLE_DEVICES per actor
+    assert sorted(c["npu_ids"][0] for c in chips) == ["0", "1", "2", "3"]
+    for a in actors:
+        ray.kill(a)
+
+
+def test_each_backend_asks_for_its_own_resource():
+    assert device_actor_options("onnxruntime", "cuda")["num_gpus"] == 1
+    assert device_actor_options("onnxruntime", "cann")["resources"] == {"NPU": 1}
+    assert device_actor_options("emulated", "cpu")["resources"] == {EMULATED_RESOURCE: 1}
+    cpu = device_actor_options("onnxruntime", "cpu")
+    assert cpu["num_cpus"] == 0 and "resources" not in cpu and cpu["max_concurrency"] == 2
+    assert visible_devices_env("acl", "cpu") == "ASCEND_RT_VISIBLE_DEVICES"
+    assert visible_devices_env("onnxruntime", "cuda") == "CUDA_VISIBLE_DEVICES"
+    assert visible_devices_env("onnxruntime", "cpu") is None
+
+
+def test_backend_auto_picks_acl_when_ray_sees_npus(ray_session):
+    assert _resolve_backend(RunConfig(backend="auto")) == ("acl", "cpu")
