@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -82,16 +83,84 @@ def cpu_slots() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_devices(selection: DeviceSelection, available: int, what: str) -> list[DeviceRef]:
-    """Check a selection against ``available`` devices of kind ``what`` on one host."""
-    if selection.all:
-        if available < 1:
-            raise DeviceSpecError(f"--devices all: no {what} found")
-        return [DeviceRef(None, i) for i in range(available)]
-    missing = [d for d in selection.devices if d.index >= available]
-    if missing:
-        raise DeviceSpecError(
-            f"--devices: {', '.join(map(str, missing))} requested but only {available} "
-            f"{what} exist (0-{available - 1})"
+@dataclass(frozen=True)
+class NodeInfo:
+    """One Ray node and how many devices of the requested kind it has."""
+
+    node_id: str
+    name: str  # label ``cardrunner.node``, else the host name (made unique with the node id)
+    host: str
+    address: str
+    cpus: int
+    devices: int
+
+    def matches(self, name: str) -> bool:
+        return name in (self.name, self.host, self.address) or (
+            len(name) >= 6 and self.node_id.startswith(name)
         )
-    return list(selection.devices)
+
+
+def cluster_nodes(resource: str | None) -> list[NodeInfo]:
+    """Alive Ray nodes with their count of ``resource`` (None: CPU slices, see cpu_devices)."""
+    import ray
+
+    raw = [n for n in ray.nodes() if n["Alive"]]
+    hosts = Counter(n["NodeManagerHostname"] for n in raw)
+    nodes = []
+    for n in raw:
+        host = n["NodeManagerHostname"]
+        label = (n.get("Labels") or {}).get("cardrunner.node")
+        name = label or (host if hosts[host] == 1 else f"{host}-{n['NodeID'][:6]}")
+        cpus = int(n["Resources"].get("CPU", 0))
+        count = int(n["Resources"].get(resource, 0)) if resource else cpu_devices(cpus)
+        nodes.append(NodeInfo(n["NodeID"], name, host, n["NodeManagerAddress"], cpus, count))
+    return sorted(nodes, key=lambda n: n.name)
+
+
+def cpu_devices(cores: int) -> int:
+    """A CPU "device" is a slice of a host; more slices than cores oversubscribe it."""
+    return max(8, cores)
+
+
+def place_devices(
+    selection: DeviceSelection, nodes: list[NodeInfo], what: str, local_node_id: str
+) -> list[tuple[DeviceRef, NodeInfo]]:
+    """Pin every selected device to a node; one-line ``DeviceSpecError`` when impossible."""
+    multi = len(nodes) > 1
+    if selection.all:
+        placed = [(DeviceRef(n.name if multi else None, i), n)
+                  for n in nodes for i in range(n.devices)]
+        if not placed:
+            raise DeviceSpecError(f"--devices all: no {what} found")
+        return placed
+    with_devices = [n for n in nodes if n.devices]
+    local = next((n for n in nodes if n.node_id == local_node_id), None)
+    default = local if local is not None and local.devices else (
+        with_devices[0] if len(with_devices) == 1 else None)
+    placed = []
+    for ref in selection.devices:
+        if ref.node is None:
+            node = default if multi else (nodes[0] if nodes else None)
+            if node is None:
+                raise DeviceSpecError(
+                    f"--devices: {len(with_devices)} nodes have {what}; name the node of each "
+                    f"device (e.g. {with_devices[0].name if with_devices else 'node1'}:0-3) "
+                    "or use all"
+                )
+        else:
+            found = [n for n in nodes if n.matches(ref.node)]
+            if len(found) != 1:
+                known = ", ".join(n.name for n in nodes)
+                why = "is ambiguous" if found else "is not in the cluster"
+                raise DeviceSpecError(f"--devices: node {ref.node!r} {why} (nodes: {known})")
+            node = found[0]
+        if ref.index >= node.devices:
+            where = f" on node {node.name}" if multi else ""
+            raise DeviceSpecError(
+                f"--devices: {ref} requested but only {node.devices} {what} exist{where}"
+                + (f" (0-{node.devices - 1})" if node.devices else "")
+            )
+        placed.append((DeviceRef(node.name if multi else None, ref.index), node))
+    if len({(n.node_id, r.index) for r, n in placed}) != len(placed):
+        raise DeviceSpecError("--devices: the same device is listed twice")
+    return placed

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime execution provider (default cpu)")
     p.add_argument("--preprocess", dest="recipe",
                    help="recipe: huawei, pycls or tf-lite (default: from the model's metadata)")
-    p.add_argument("--workers", type=int, help="preprocessing actors (default: one per core)")
+    p.add_argument("--workers", type=int,
+                   help="preprocessing actors per node (default: one per core)")
     p.add_argument("--in-flight", type=int, help="batches queued per device (default 2)")
     p.add_argument("--threads", type=int, help="onnxruntime CPU threads per device")
     p.add_argument("--limit", type=int, help="use only the first N images")

@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -17,12 +18,13 @@ import numpy as np
 import onnx
 import ray
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from .backends import BACKENDS, BackendOptions
 from .cache import CacheBusyError, CacheError, CropCache
 from .dataset import Dataset, ImageIssue, load_dataset
-from .devices import DeviceRef, cpu_slots, parse_devices, resolve_devices
+from .devices import DeviceRef, NodeInfo, cluster_nodes, parse_devices, place_devices
 from .journal import Journal
 from .metrics import TOPK, Accuracy, hit_ranks
 from .pipeline import (
@@ -160,17 +162,15 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def available_devices(backend: str, provider: str) -> tuple[int, str]:
-    """How many devices of this kind Ray sees on one host, and what they are called."""
-    res = ray.cluster_resources()
+def device_resource(backend: str, provider: str) -> tuple[str | None, str]:
+    """The Ray resource that counts this kind of device (None: CPU slices), and its name."""
     if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
-        return int(res.get("NPU", 0)), "Ascend NPUs"
+        return "NPU", "Ascend NPUs"
     if backend == "onnxruntime" and provider == "cuda":
-        return int(res.get("GPU", 0)), "GPUs"
+        return "GPU", "GPUs"
     if backend == "emulated":
-        return int(res.get(EMULATED_RESOURCE, 0)), "emulated chips (--emulated-chips)"
-    # A CPU "device" is a slice of the host; more slices than cores oversubscribe.
-    return max(8, cpu_slots()), "CPU slices"
+        return EMULATED_RESOURCE, "emulated chips (--emulated-chips)"
+    return None, "CPU slices"
 
 
 def _resolve_backend(cfg: RunConfig) -> tuple[str, str]:
@@ -188,32 +188,30 @@ def _resolve_backend(cfg: RunConfig) -> tuple[str, str]:
 
 
 def start_devices(
-    cfg: RunConfig, backend: str, provider: str, recipe: str, refs: list[DeviceRef]
+    cfg: RunConfig, backend: str, provider: str, recipe: str,
+    placed: list[tuple[DeviceRef, NodeInfo]],
 ) -> list[DeviceState]:
-    """One actor per device; fails with a ConfigError naming the device that cannot open."""
+    """One actor per device, pinned to its node; a device that cannot open is a ConfigError."""
     run_id = uuid.uuid4().hex[:8]
-    cores = cpu_slots()
-    threads = cfg.threads or max(1, cores // len(refs))
     opts = device_actor_options(backend, provider)
     env = visible_devices_env(backend, provider) if not parse_devices(cfg.devices).all else None
-    model: Any = cfg.model
+    per_node = Counter(node.node_id for _, node in placed)
     actors = []
-    for ref in refs:
+    for ref, node in placed:
         options = BackendOptions(
-            threads=threads,
+            threads=cfg.threads or max(1, node.cpus // per_node[node.node_id]),
             provider=provider,
             emulated_latency_ms=cfg.emulated_latency_ms,
             extra={"image_size": get_recipe(recipe).crop, **cfg.backend_extra.get(str(ref), {})},
         )
-        if ref.node:
-            raise ConfigError(f"--devices: node-qualified device {ref} needs a cluster (--address)")
-        name = f"cardrunner-{run_id}-device-{ref}"
-        actor = ray.remote(DeviceWorker).options(name=name, **opts).remote(
-            backend, model, str(ref), ref.index, options, recipe, cfg.keep_logits, env
-        )
-        actors.append((ref, actor))
+        actor = ray.remote(DeviceWorker).options(
+            name=f"cardrunner-{run_id}-device-{ref}",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            **opts,
+        ).remote(backend, cfg.model, str(ref), ref.index, options, recipe, cfg.keep_logits, env)
+        actors.append((ref, node, actor))
     states = []
-    for ref, actor in actors:
+    for ref, node, actor in actors:
         try:
             info = ray.get(actor.describe.remote(), timeout=300)
         except RayActorError as exc:
@@ -223,7 +221,7 @@ def start_devices(
                 f"device {ref}: its actor did not start within 300 s (Ray resources: "
                 f"{ray.available_resources()})"
             ) from None
-        states.append(DeviceState(ref, actor, info))
+        states.append(DeviceState(ref, actor, dict(info, node=node.name), node.name))
     return states
 
 
@@ -281,9 +279,10 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
 
     start_ray(cfg.address, {EMULATED_RESOURCE: cfg.emulated_chips}, cfg.dashboard)
     backend, provider = _resolve_backend(cfg)
-    count, what = available_devices(backend, provider)
-    refs = resolve_devices(selection, count, what)
-    devices = start_devices(cfg, backend, provider, recipe, refs)
+    resource, what = device_resource(backend, provider)
+    nodes = cluster_nodes(resource)
+    placed = place_devices(selection, nodes, what, ray.get_runtime_context().get_node_id())
+    devices = start_devices(cfg, backend, provider, recipe, placed)
     for d in devices:
         check_input(d.info, recipe, cfg.model)
     num_classes = devices[0].info["num_classes"]
@@ -291,7 +290,8 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
         if cfg.pure_infer:
             return _run_pure_infer(cfg, recipe, meta, model_sha, devices, num_classes)
         assert dataset is not None
-        return _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out)
+        return _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out,
+                            [node for _, node in placed])
     finally:
         for d in devices:
             ray.kill(d.actor)
@@ -334,7 +334,8 @@ def _device_infos(devices: list[DeviceState]) -> list[dict[str, Any]]:
     ]
 
 
-def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out) -> RunResult:
+def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, out,
+                 nodes: list[NodeInfo]) -> RunResult:
     n = len(dataset)
     top = np.full((n, TOPK), -1, dtype=np.int32)
     issues = list(dataset.issues)
@@ -364,18 +365,19 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
     resumed = int(done.sum())
 
     todo = [(int(i), dataset.path(int(i))) for i in np.flatnonzero(~done)]
-    workers = cfg.workers or cpu_slots()
-    workers = max(1, min(workers, math.ceil(len(todo) / cfg.batch_size) or 1))
-    bounds = np.linspace(0, len(todo), workers + 1).astype(int) if todo else []
-    shards = [todo[a:b] for a, b in pairwise(bounds)]
+    planned = plan_shards(todo, nodes, cfg.batch_size, cfg.workers)
+    shards = [shard for _, shard, _ in planned]
     cache = open_cache(cfg.cache, recipe, n, header["images"], resumed) if cfg.cache else None
-    prep_cpus = min(1.0, cpu_slots() / max(1, len(shards)))
     preps = [
-        ray.remote(Preprocessor).options(num_cpus=prep_cpus).remote(s, recipe, cache)
-        for s in shards
+        ray.remote(Preprocessor).options(
+            num_cpus=cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        ).remote(shard, recipe, cache)
+        for node, shard, cpus in planned
     ]
     ray.get([p.ready.remote() for p in preps])  # actor start-up is not part of the timed run
-    batches = plan_batches([len(s) for s in shards], cfg.batch_size)
+    batches = plan_batches([len(s) for s in shards], cfg.batch_size,
+                           [node.name for node, _, _ in planned])
     stats: list[BatchStat] = []
     bar = tqdm(total=n, initial=resumed, unit="img", disable=not cfg.progress, desc="evaluate")
 
@@ -422,6 +424,31 @@ def _run_dataset(cfg, recipe, meta, model_sha, devices, num_classes, dataset, ou
     return RunResult(cfg, recipe, meta, model_sha, _device_infos(devices), outcome, stats, n,
                      dataset.names, labels, top, num_classes, issues, resumed,
                      cache_state if cache is not None else "off", len(preps))
+
+
+def plan_shards(
+    todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int, workers: int | None
+) -> list[tuple[NodeInfo, list[tuple[int, str]], float]]:
+    """(node, shard, CPUs per actor) for every preprocessing actor.
+
+    The image list is split across the devices' nodes in proportion to their device counts,
+    so each device's batches are decoded on its own host; each node's part is split across
+    ``workers`` actors (default: one per core of that node).
+    """
+    devices_on = Counter(node.node_id for node in nodes)
+    unique = list({node.node_id: node for node in nodes}.values())
+    weights = np.cumsum([0] + [devices_on[node.node_id] for node in unique])
+    cut = np.round(weights / weights[-1] * len(todo)).astype(int)
+    planned = []
+    for node, (a, b) in zip(unique, pairwise(cut), strict=True):
+        part = todo[a:b]
+        if not part:
+            continue
+        k = max(1, min(workers or node.cpus or 1, math.ceil(len(part) / batch_size)))
+        bounds = np.linspace(0, len(part), k + 1).astype(int)
+        cpus = min(1.0, (node.cpus or 1) / k)
+        planned += [(node, part[x:y], cpus) for x, y in pairwise(bounds)]
+    return planned
 
 
 def open_cache(root: str, recipe: str, n: int, fingerprint: str, resumed: int) -> CropCache | None:

@@ -203,10 +203,14 @@ class Batch:
     shard: int
     start: int  # position range within the shard
     stop: int
+    node: str = ""  # the node whose preprocessor owns the shard
 
 
-def plan_batches(shard_sizes: list[int], batch_size: int) -> list[Batch]:
+def plan_batches(
+    shard_sizes: list[int], batch_size: int, shard_nodes: list[str] | None = None
+) -> list[Batch]:
     """Batches of each shard, interleaved across shards so all preprocessors stay busy."""
+    nodes = shard_nodes or [""] * len(shard_sizes)
     per_shard = [
         [(s, a, min(a + batch_size, size)) for a in range(0, size, batch_size)]
         for s, size in enumerate(shard_sizes)
@@ -214,7 +218,7 @@ def plan_batches(shard_sizes: list[int], batch_size: int) -> list[Batch]:
     order = []
     for row in range(max((len(p) for p in per_shard), default=0)):
         order += [p[row] for p in per_shard if row < len(p)]
-    return [Batch(i, s, a, b) for i, (s, a, b) in enumerate(order)]
+    return [Batch(i, s, a, b, nodes[s]) for i, (s, a, b) in enumerate(order)]
 
 
 @dataclass
@@ -222,6 +226,7 @@ class DeviceState:
     ref: DeviceRef
     actor: Any
     info: dict[str, Any]
+    node: str = ""  # name of the node it runs on: it takes that node's batches first
     in_flight: int = 0
     failures: int = 0
     failed_at: float | None = None
@@ -254,15 +259,25 @@ def drive(
     """Feed ``batches`` to ``devices`` keeping ``in_flight`` per device; re-queue on failure.
 
     ``submit_prep(batch)`` returns an ObjectRef of the batch payload (or a payload); the same
-    ref is reused when a batch moves to another device after its device failed.
+    ref is reused when a batch moves to another device after its device failed.  Each node
+    has its own queue (the batches its preprocessors own); a device takes from its node's
+    queue and, once that is empty, from the fullest other one.
     """
-    queue: deque[tuple[Batch, Any, int]] = deque((b, None, 0) for b in batches)
+    queues: dict[str, deque[tuple[Batch, Any, int]]] = {}
+    for b in batches:
+        queues.setdefault(b.node, deque()).append((b, None, 0))
     pending: dict[Any, tuple[Batch, Any, int, DeviceState]] = {}
     given_up: list[tuple[int, str]] = []
     started = time.time()
 
+    def next_queue(dev: DeviceState) -> deque | None:
+        own = queues.get(dev.node)
+        if own:
+            return own
+        return max((q for q in queues.values() if q), key=len, default=None)
+
     def fill(dev: DeviceState) -> None:
-        while dev.alive and dev.in_flight < in_flight and queue:
+        while dev.alive and dev.in_flight < in_flight and (queue := next_queue(dev)):
             batch, payload, attempts = queue.popleft()
             if payload is None:
                 payload = submit_prep(batch)
@@ -296,7 +311,7 @@ def drive(
                     on_give_up(batch, reason)
             else:
                 dev.moved_batches += 1
-                queue.appendleft((batch, payload, attempts + 1))
+                queues[batch.node].appendleft((batch, payload, attempts + 1))
             for d in devices:
                 fill(d)
             continue
@@ -306,11 +321,12 @@ def drive(
             for d in devices:
                 fill(d)
     # Batches still queued when every device has died are given up too.
-    while queue:
-        batch, _, _ = queue.popleft()
-        given_up.append((batch.id, "no device left"))
-        if on_give_up:
-            on_give_up(batch, "no device left")
+    for queue in queues.values():
+        while queue:
+            batch, _, _ = queue.popleft()
+            given_up.append((batch.id, "no device left"))
+            if on_give_up:
+                on_give_up(batch, "no device left")
     return DriveOutcome(time.time() - started, started, devices, given_up)
 
 

@@ -33,6 +33,8 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         lat = [s.run_end - s.run_start for s in mine if s.n]
         devices.append({
             "id": info["device"],
+            "node": info.get("node", ""),
+            "device_index": info["device_id"],
             "host": info["host"],
             "provider": info["provider"],
             "emulated": info["emulated"],
@@ -63,11 +65,15 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "emulated": any(d["emulated"] for d in devices),
     }
     cfg = result.config
+    chips = CHIPS_PER_CARD.get(result.devices[0]["backend"]) if result.devices else None
     return {
         "created": now_iso(),
         "mode": "pure-infer" if cfg.pure_infer else "dataset",
         "devices": devices,
         "card": card,
+        "hosts": _groups(devices, wall, lambda d: d["node"]),
+        "cards": _groups(devices, wall, lambda d: f"{d['node']}/card{d['device_index'] // chips}")
+        if chips else [],
         "stages": stage_rates(result, card),
         "environment": {
             "backend": result.devices[0]["backend"],
@@ -83,6 +89,27 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         },
         "config": config_dict(cfg),
     }
+
+
+#: Chips per card where a card holds several: an Atlas 300I carries 4 Ascend 310 chips.
+CHIPS_PER_CARD = {"acl": 4, "emulated": 4}
+
+
+def _groups(devices: list[dict[str, Any]], wall: float, key) -> list[dict[str, Any]]:
+    """Measured figures per host (or per card): its images over the run's wall time."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for d in devices:
+        groups.setdefault(key(d), []).append(d)
+    return [
+        {
+            "name": name,
+            "devices": [d["id"] for d in members],
+            "images": sum(d["images"] for d in members),
+            "measured_fps": round(sum(d["images"] for d in members) / wall, 3) if wall else 0.0,
+            "sum_compute_fps": round(sum(d["compute_fps"] for d in members), 3),
+        }
+        for name, members in groups.items()
+    ]
 
 
 def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
@@ -163,6 +190,10 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
         f"      guide-style one-chip x {card['devices']}: {card['extrapolated_fps']:.2f} img/s;"
         f" efficiency (measured / sum of compute-only): {card['efficiency']:.1%}",
     ]
+    if len(perf["hosts"]) > 1:
+        for h in perf["hosts"]:
+            lines.append(f"host {h['name']}: {len(h['devices'])} devices, {h['images']} images, "
+                         f"measured {h['measured_fps']:.2f} img/s")
     stages = perf["stages"]
     caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
     lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")

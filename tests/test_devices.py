@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from runner.devices import DeviceRef, DeviceSpecError, parse_devices, resolve_devices
+from runner.devices import DeviceRef, DeviceSpecError, NodeInfo, parse_devices, place_devices
 
 
 @pytest.mark.parametrize(
@@ -33,13 +33,36 @@ def test_parse_rejects(spec):
     assert "--devices" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_resolve_against_available():
-    every = resolve_devices(parse_devices("all"), 3, "NPUs")
-    assert every == [DeviceRef(None, i) for i in range(3)]
+ONE = [NodeInfo("a" * 56, "vm", "vm", "127.0.0.1", 2, 4)]
+TWO = [NodeInfo("a" * 56, "node1", "vm", "127.0.0.1", 2, 4),
+       NodeInfo("b" * 56, "node2", "vm", "127.0.0.1", 2, 4)]
+
+
+def test_place_on_one_host():
+    every = place_devices(parse_devices("all"), ONE, "NPUs", "a" * 56)
+    assert [r for r, _ in every] == [DeviceRef(None, i) for i in range(4)]
     with pytest.raises(DeviceSpecError, match="only 4 NPUs exist"):
-        resolve_devices(parse_devices("2-5"), 4, "NPUs")
+        place_devices(parse_devices("2-5"), ONE, "NPUs", "a" * 56)
     with pytest.raises(DeviceSpecError, match="no NPUs found"):
-        resolve_devices(parse_devices("all"), 0, "NPUs")
+        place_devices(parse_devices("all"), [NodeInfo("a", "vm", "vm", "x", 2, 0)], "NPUs", "a")
+
+
+def test_place_on_two_nodes():
+    placed = place_devices(parse_devices("node1:0-1,node2:3"), TWO, "NPUs", "a" * 56)
+    assert [(str(r), n.name) for r, n in placed] == [
+        ("node1:0", "node1"), ("node1:1", "node1"), ("node2:3", "node2")]
+    assert len(place_devices(parse_devices("all"), TWO, "NPUs", "x")) == 8
+    # Unqualified devices mean the driver's own node when it has devices ...
+    assert {n.name for _, n in place_devices(parse_devices("0-3"), TWO, "NPUs", "b" * 56)} == {
+        "node2"}
+    # ... and need a node name when it has none.
+    with pytest.raises(DeviceSpecError, match="name the node"):
+        place_devices(parse_devices("0-3"), TWO, "NPUs", "c" * 56)
+    with pytest.raises(DeviceSpecError, match="'node3' is not in the cluster"):
+        place_devices(parse_devices("node3:0"), TWO, "NPUs", "a" * 56)
+    with pytest.raises(DeviceSpecError, match="only 4 NPUs exist on node node2"):
+        place_devices(parse_devices("node2:4"), TWO, "NPUs", "a" * 56)
+    assert place_devices(parse_devices("bbbbbb:1"), TWO, "NPUs", "a")[0][1].name == "node2"
 
 
 def test_cli_bad_devices_exits_2_with_one_line(tiny_model, tmp_path):
