@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default onnxruntime")
     p.add_argument("--provider", choices=["cpu", "cuda", "cann"],
                    help="onnxruntime execution provider (default cpu)")
+    p.add_argument("--precision", help="CANN execution provider precision_mode")
+    p.add_argument("--pin-cores", action="store_true", default=None,
+                   help="onnxruntime CPU: pin each device's threads to cores of its own")
     p.add_argument("--preprocess", dest="recipe",
                    help="recipe: huawei, pycls or tf-lite (default: from the model's metadata)")
     p.add_argument("--workers", type=int,

@@ -9,7 +9,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class RunConfig:
     devices: str = "0"
     backend: str = "onnxruntime"
     provider: str = "cpu"
+    precision: str = ""  # CANN execution provider precision_mode (e.g. force_fp16)
+    pin_cores: bool = False  # onnxruntime CPU: pin each device's threads to its own cores
     batch_size: int = 16
     out: str = "runs/latest"
     recipe: str | None = None  # default: the model's metadata, else "huawei"
@@ -196,11 +198,18 @@ def start_devices(
     opts = device_actor_options(backend, provider)
     env = visible_devices_env(backend, provider) if not parse_devices(cfg.devices).all else None
     per_node = Counter(node.node_id for _, node in placed)
+    rank: Counter[str] = Counter()
     actors = []
     for ref, node in placed:
+        threads = cfg.threads or max(1, node.cpus // per_node[node.node_id])
+        first = rank[node.node_id] * threads
+        rank[node.node_id] += 1
+        cores = tuple((first + j) % max(1, node.cpus) for j in range(threads))
         options = BackendOptions(
-            threads=cfg.threads or max(1, node.cpus // per_node[node.node_id]),
+            threads=threads,
+            cores=cores if cfg.pin_cores else (),
             provider=provider,
+            precision=cfg.precision,
             emulated_latency_ms=cfg.emulated_latency_ms,
             extra={"image_size": get_recipe(recipe).crop, **cfg.backend_extra.get(str(ref), {})},
         )
@@ -467,10 +476,3 @@ def open_cache(root: str, recipe: str, n: int, fingerprint: str, resumed: int) -
         return None
     return cache
 
-
-def config_dict(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -6,13 +6,15 @@ import csv
 import json
 import platform
 import socket
+import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .classes import class_table, short_name
-from .evaluation import RunResult, config_dict, now_iso
+from .evaluation import RunResult
 from .metrics import hit_ranks, label_offset
 
 
@@ -67,7 +69,7 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
     cfg = result.config
     chips = CHIPS_PER_CARD.get(result.devices[0]["backend"]) if result.devices else None
     return {
-        "created": now_iso(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "mode": "pure-infer" if cfg.pure_infer else "dataset",
         "devices": devices,
         "card": card,
@@ -78,6 +80,7 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "environment": {
             "backend": result.devices[0]["backend"],
             "provider": result.devices[0]["provider"],
+            "precision": model_precision(result),
             "batch_size": cfg.batch_size,
             "recipe": result.recipe,
             "model": cfg.model,
@@ -87,7 +90,7 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
             "python": platform.python_version(),
             "versions": _versions(),
         },
-        "config": config_dict(cfg),
+        "config": asdict(cfg),
     }
 
 
@@ -142,6 +145,19 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
         "handoff_p50_ms": _pct(handoff, 50),
         "bound_by": min(known, key=known.get) if known else None,
     }
+
+
+def model_precision(result: RunResult) -> str:
+    """What arithmetic the model runs in, as far as the host can tell."""
+    cfg = result.config
+    if result.devices and result.devices[0]["emulated"]:
+        return "emulated"
+    if cfg.precision:
+        return cfg.precision
+    if str(cfg.model).endswith(".onnx"):
+        dtype = result.model_meta.get("cardrunner.precision", "fp32")
+        return f"{dtype} (ONNX)"
+    return "set at ATC time (default force_fp16; see the manifest)"
 
 
 def _versions() -> dict[str, str]:

@@ -38,18 +38,28 @@ def ray_session():
 
 def tiny_classifier(path: Path, size: int = 300, classes: int = 1000, seed: int = 0,
                     uint8_nhwc: bool = False) -> Path:
-    """A real ONNX classifier: global average pool -> fully connected, random weights."""
+    """A real ONNX classifier: global average pool -> fully connected, random weights.
+
+    ``uint8_nhwc`` makes it take raw uint8 NHWC crops (cast and transposed in the graph),
+    like a model exported with normalisation baked in.
+    """
     rng = np.random.default_rng(seed)
     w = numpy_helper.from_array(rng.standard_normal((3, classes)).astype(np.float32), "w")
     b = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32) * 0.1, "b")
     nodes = [
-        helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+        helper.make_node("GlobalAveragePool", ["nchw"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("Gemm", ["flat", "w", "b"], ["class"]),
     ]
+    if uint8_nhwc:
+        nodes[:0] = [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+                     helper.make_node("Transpose", ["f"], ["nchw"], perm=[0, 3, 1, 2])]
+        image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])
+    else:
+        nodes[:0] = [helper.make_node("Identity", ["image"], ["nchw"])]
+        image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])
     graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        nodes, "tiny", [image],
         [helper.make_tensor_value_info("class", TensorProto.FLOAT, ["batch", classes])],
         [w, b],
     )

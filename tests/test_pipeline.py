@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import tiny_classifier
 
-from runner.backends.emulated import emulated_logits
+from runner.backends.emulated import batch_latency_ms, emulated_logits
 from runner.evaluation import ConfigError, RunConfig, run_evaluation
 from runner.metrics import topk_indices
 from runner.pipeline import plan_batches
@@ -125,3 +126,21 @@ def test_decoded_cache_is_built_then_hit_with_identical_predictions(ray_session,
         runs.append(run_evaluation(cfg))
     assert [r.cache for r in runs] == ["built", "hit"]
     assert np.array_equal(runs[0].top, runs[1].top) and (runs[0].top >= 0).all()
+
+
+def test_uint8_model_gets_raw_crops(ray_session, images64, tmp_path):
+    folder, labels = images64
+    model = tiny_classifier(tmp_path / "u8.onnx", uint8_nhwc=True)
+    cfg = RunConfig(model=str(model), images=str(folder), labels=str(labels), devices="0-3",
+                    batch_size=6, out=str(tmp_path / "run"), progress=False, pin_cores=True)
+    result = run_evaluation(cfg)
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    recipe = get_recipe("huawei")
+    crops = np.stack([load_crop(folder / n, recipe) for n in result.names])
+    assert np.array_equal(result.top, topk_indices(sess.run(None, {"image": crops})[0]))
+
+
+def test_emulated_latency_follows_the_guides_table():
+    assert batch_latency_ms(16) == 95.2 and batch_latency_ms(1) == 8.29
+    assert batch_latency_ms(12) == pytest.approx(48.4 + (95.2 - 48.4) * 4 / 8)
+    assert batch_latency_ms(64) == pytest.approx(186.9 + (186.9 - 95.2) * 2)
