@@ -6,8 +6,13 @@ silently produces opset 18+, which ATC and older runtimes reject.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import io
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +29,17 @@ FLOAT_INPUT = "float32-nchw"
 UINT8_INPUT = "uint8-nhwc"
 
 
+#: ONNX Runtime vs fp32 torch, max abs logit difference allowed after --fp16: half-precision
+#: weights and activations cannot reach the fp32 bound of 1e-4 (Lite0 measures 0.022-0.037).
+FP16_ATOL = 0.1
+
+
 class ExportVerificationError(RuntimeError):
     """ONNX Runtime disagrees with torch on the exported model."""
+
+
+class UsageError(ValueError):
+    """Wrong combination of command-line arguments."""
 
 
 class Uint8Input(nn.Module):
@@ -136,7 +150,11 @@ def verify_onnx(
     model = model.eval()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail/InvalidGraph are not public
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportVerificationError(f"ONNX Runtime cannot load the export: {first}") from None
     inp = session.get_inputs()[0]
     shape = inp.shape[1:]
     rng = np.random.default_rng(seed)
@@ -159,3 +177,94 @@ def verify_onnx(
             f"ONNX Runtime differs from torch by {worst:.3g} (max abs), above {atol:g}"
         )
     return worst
+
+
+def sha256_16(path: Path) -> str:
+    """First 16 hex digits of a file's SHA-256: names the weights in the model's metadata."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    """The options every exporter CLI shares."""
+    p.add_argument("--opset", type=int, default=11, help="ONNX opset (default 11, as the guide)")
+    p.add_argument("--uint8-input", action="store_true",
+                   help="take uint8 NHWC RGB crops; normalisation runs inside the graph")
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 weights and activations, input and output types unchanged "
+                   "(needs onnxconverter-common)")
+
+
+def _float16_converter():
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise UsageError(
+            "--fp16 needs onnxconverter-common: pip install onnxconverter-common"
+        ) from None
+    return float16
+
+
+def convert_to_fp16(path: Path) -> None:
+    """Rewrite the ONNX file at ``path`` in float16, keeping its inputs and outputs as they were.
+
+    Kept I/O types mean the runner feeds it exactly what it feeds the fp32 model.  It pays off
+    on GPU/NPU execution providers: on x86 CPUs ONNX Runtime has few fp16 kernels and casts
+    around them, which is slower than fp32 (Lite0: 0.6-0.7x its img/s on 2 cores).  Casts of
+    non-float inputs (``--uint8-input``) are left in fp32: the converter retypes their outputs
+    to fp16 without changing the Cast, and ONNX Runtime then refuses the model.  Weights below
+    fp16's range are clamped to 1e-7 by the converter; its per-value warnings are muted.
+    """
+    float16 = _float16_converter()
+    proto = onnx.load(str(path))
+    inputs = {i.name for i in proto.graph.input}
+    input_casts = [n.name for n in proto.graph.node if n.op_type == "Cast" and n.input[0] in inputs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        half = float16.convert_float_to_float16(
+            proto, keep_io_types=True, node_block_list=input_casts
+        )
+    onnx.save(half, str(path))
+
+
+def export_verified(
+    model: nn.Module, out: Path, args: argparse.Namespace, recipe: Recipe,
+    metadata: dict[str, str],
+) -> None:
+    """Export, optionally convert to fp16, verify against torch, print; remove on failure."""
+    if args.fp16:
+        _float16_converter()  # fail before the export, not after it
+    precision = "fp16" if args.fp16 else "fp32"
+    start = time.perf_counter()
+    export_onnx(model, out, input_size=recipe.crop, opset=args.opset,
+                metadata={**metadata, "cardrunner.precision": precision},
+                uint8_input=args.uint8_input, recipe=recipe)
+    try:
+        if args.fp16:
+            convert_to_fp16(out)
+        exported = time.perf_counter()
+        diff = verify_onnx(out, model, atol=FP16_ATOL if args.fp16 else 1e-4)
+    except Exception:
+        out.unlink(missing_ok=True)
+        raise
+    layout = "uint8 [batch,%d,%d,3]" if args.uint8_input else "float32 [batch,3,%d,%d]"
+    print(f"wrote {out} (opset {args.opset}, {precision}, input "
+          f"{layout % (recipe.crop, recipe.crop)}) in {exported - start:.1f} s")
+    print(f"verified: ONNX Runtime vs torch max abs diff {diff:.3g} "
+          f"(batches 2, 1, 3) in {time.perf_counter() - exported:.1f} s")
+
+
+def run_cli(prog: str, convert: Callable[[argparse.Namespace], None],
+            parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse, convert, and turn every expected failure into one line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        convert(args)
+    except (ValueError, RuntimeError, OSError) as exc:  # incl. ExportVerificationError
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        print(f"{prog}: error: {lines[0]}", file=sys.stderr)
+        return 2
+    return 0

@@ -8,15 +8,13 @@ order CKPT, CONFIG, OUT, leaving out the ones the options replace.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
-import time
 from pathlib import Path
 
 from convert.checkpoint import load_pycls_state, load_strict
 from convert.config import PRESETS, ModelSpec, get_preset, load_pycls_yaml
 from convert.efficientnet import build_effnet, init_random
-from convert.export import export_onnx, verify_onnx
+from convert.export import UsageError, add_export_options, export_verified, run_cli, sha256_16
 from runner.preprocess import RECIPES, get_recipe
 
 EPILOG = """\
@@ -29,10 +27,6 @@ forms:
 The export is checked with onnx.checker and compared with torch in ONNX Runtime (batches
 2, 1 and 3); on failure the output file is removed.  Errors exit with status 2.
 """
-
-
-class UsageError(ValueError):
-    """Wrong combination of positionals and options."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,18 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         help="untrained, deterministic weights instead of CKPT",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    p.add_argument("--opset", type=int, default=11, help="ONNX opset (default 11, as the guide)")
     p.add_argument(
         "--recipe",
         default="huawei",
         choices=sorted(RECIPES),
         help="preprocessing recipe recorded in the model (default huawei)",
     )
-    p.add_argument(
-        "--uint8-input",
-        action="store_true",
-        help="take uint8 NHWC RGB crops; normalisation runs inside the graph",
-    )
+    add_export_options(p)
     return p
 
 
@@ -81,14 +70,6 @@ def _split_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None, Pa
         )
     named = dict(zip(want, map(Path, args.paths), strict=True))
     return named.get("CKPT"), named.get("CONFIG"), named["OUT"]
-
-
-def _sha256_16(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -111,46 +92,15 @@ def convert(args: argparse.Namespace) -> None:
         weights = f"untrained (random init, seed {args.seed})"
     else:
         load_strict(model, load_pycls_state(ckpt))
-        weights = f"checkpoint {ckpt.name} sha256:{_sha256_16(ckpt)}"
+        weights = f"checkpoint {ckpt.name} sha256:{sha256_16(ckpt)}"
     print(f"{spec.arch}: {sum(p.numel() for p in model.parameters()):,} parameters; {weights}")
 
-    start = time.perf_counter()
-    export_onnx(
-        model,
-        out,
-        input_size=recipe.crop,
-        opset=args.opset,
-        metadata={"cardrunner.arch": spec.arch, "cardrunner.weights": weights},
-        uint8_input=args.uint8_input,
-        recipe=recipe,
-    )
-    exported = time.perf_counter()
-    try:
-        diff = verify_onnx(out, model)
-    except Exception:
-        out.unlink(missing_ok=True)
-        raise
-    layout = "uint8 [batch,%d,%d,3]" if args.uint8_input else "float32 [batch,3,%d,%d]"
-    print(
-        f"wrote {out} (opset {args.opset}, input {layout % (recipe.crop, recipe.crop)}) "
-        f"in {exported - start:.1f} s"
-    )
-    print(
-        f"verified: ONNX Runtime vs torch max abs diff {diff:.3g} "
-        f"(batches 2, 1, 3) in {time.perf_counter() - exported:.1f} s"
-    )
+    export_verified(model, out, args, recipe,
+                    {"cardrunner.arch": spec.arch, "cardrunner.weights": weights})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        convert(args)
-    except (ValueError, RuntimeError, OSError) as exc:  # incl. ExportVerificationError
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        print(f"pth2onnx: error: {lines[0]}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("pth2onnx", convert, _parser(), argv)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,7 @@ def test_guide_command_output_layout(converted):
         "cardrunner.weights": f"checkpoint model_epoch_0100.pyth sha256:{digest}",
         "cardrunner.input": "float32-nchw",
         "cardrunner.opset": "11",
+        "cardrunner.precision": "fp32",
     }
     assert "12,233,232 parameters" in stdout and "max abs diff" in stdout
 

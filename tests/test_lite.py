@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from conftest import needs_val_227
 
-from convert.export import read_metadata, verify_onnx
+from convert.export import FP16_ATOL, read_metadata, verify_onnx
 from convert.lite import (
     LiteVariant,
     SameConv2d,
@@ -22,7 +22,7 @@ from convert.lite import (
     packaged_weights,
     same_padding,
 )
-from convert.lite2onnx import FP16_ATOL, main
+from convert.lite2onnx import main
 from runner.evaluation import run_evaluation
 from runner.jobs import Gates, load_job
 
