@@ -21,7 +21,8 @@ bind_ray_to_loopback()
 import ray  # noqa: E402 - after the loopback binding
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from runner.evaluation import RunConfig, run_evaluation  # noqa: E402
+from runner.config import RunConfig  # noqa: E402
+from runner.evaluation import run_evaluation  # noqa: E402
 from runner.report import perf_summary  # noqa: E402
 
 LAYOUTS = [(1, 4), (2, 2), (1, 8), (2, 4)]  # (nodes, chips per node)

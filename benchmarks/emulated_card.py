@@ -15,7 +15,8 @@ import tempfile
 
 import common
 
-from runner.evaluation import RunConfig, run_evaluation
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
 from runner.pipeline import EMULATED_RESOURCE, start_ray
 from runner.report import perf_summary
 

@@ -22,7 +22,8 @@ from PIL import Image
 
 CHILD = r"""
 import json, resource, sys, tempfile
-from runner.evaluation import RunConfig, run_evaluation
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
 images, labels, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with tempfile.TemporaryDirectory() as out:
     cfg = RunConfig(backend="emulated", images=images, labels=labels, limit=n, devices="0-3",

@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from runner import demo
+from runner.config import RunConfig
 from runner.devices import cpu_slots
-from runner.evaluation import RunConfig, run_evaluation
+from runner.evaluation import run_evaluation
 from runner.pipeline import start_ray
 from runner.preprocess import get_recipe, load_crop, to_tensor
 

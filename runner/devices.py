@@ -100,8 +100,12 @@ class NodeInfo:
         )
 
 
-def cluster_nodes(resource: str | None) -> list[NodeInfo]:
-    """Alive Ray nodes with their count of ``resource`` (None: CPU slices, see cpu_devices)."""
+def cluster_nodes(resource: str | None, every_core_once: bool = False) -> list[NodeInfo]:
+    """Alive Ray nodes with their count of ``resource``.
+
+    Without a resource the devices are CPU slices: one per core for ``--devices all``, and
+    up to ``cpu_devices`` when named (more slices than cores oversubscribe the host).
+    """
     import ray
 
     raw = [n for n in ray.nodes() if n["Alive"]]
@@ -112,13 +116,16 @@ def cluster_nodes(resource: str | None) -> list[NodeInfo]:
         label = (n.get("Labels") or {}).get("cardrunner.node")
         name = label or (host if hosts[host] == 1 else f"{host}-{n['NodeID'][:6]}")
         cpus = int(n["Resources"].get("CPU", 0))
-        count = int(n["Resources"].get(resource, 0)) if resource else cpu_devices(cpus)
+        if resource:
+            count = int(n["Resources"].get(resource, 0))
+        else:
+            count = cpus if every_core_once else cpu_devices(cpus)
         nodes.append(NodeInfo(n["NodeID"], name, host, n["NodeManagerAddress"], cpus, count))
     return sorted(nodes, key=lambda n: n.name)
 
 
 def cpu_devices(cores: int) -> int:
-    """A CPU "device" is a slice of a host; more slices than cores oversubscribe it."""
+    """How many CPU slices may be named on a host of ``cores`` cores."""
     return max(8, cores)
 
 

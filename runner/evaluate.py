@@ -13,9 +13,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .backends import BackendError
+from .config import ConfigError, RunConfig
 from .dataset import DatasetError
 from .devices import DeviceSpecError
-from .evaluation import ConfigError, RunConfig, run_evaluation
+from .evaluation import run_evaluation
 from .jobs import Job, check_gates, load_job
 from .journal import JournalError
 from .metrics import LabelError

@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .evaluation import ConfigError, RunConfig
+from .config import ConfigError, RunConfig
 
 _RUN_KEYS = {"backend", "provider", "devices", "batch_sizes", "recipe", "out", "workers",
              "in_flight", "threads", "keep_logits", "address", "emulated_chips",

@@ -1,6 +1,6 @@
 """Append-only JSON-lines journal of finished batches: what makes ``--resume`` possible.
 
-The first line identifies the run (model, recipe, image list, batch plan); every later line
+The first line identifies the run (model, recipe, image list, backend); every later line
 is one finished batch.  A driver killed mid-write leaves a torn last line: it is cut off
 when the journal is reopened, so the batch it described is simply run again.
 """
@@ -20,6 +20,7 @@ class Journal:
     def __init__(self, path: Path, header: dict[str, Any], resume: bool):
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.appended = 0
         if resume and path.exists():
             self._reopen(header)
         else:
@@ -45,11 +46,22 @@ class Journal:
             raise JournalError(
                 f"--resume: {self.path} belongs to a different run ({', '.join(changed)} changed)"
             )
-        self.records = [json.loads(line) for line in lines[1:]]
+        try:
+            self.records = [json.loads(line) for line in lines[1:]]
+        except ValueError:
+            raise JournalError(f"--resume: {self.path} has a corrupt line before its end") from None
 
     def append(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()  # survives a driver crash; fsync would only add power-loss safety
+        self.appended += 1
 
     def close(self) -> None:
         self._file.close()
+
+    def discard_if_unused(self) -> None:
+        """Remove a journal that holds only its header, so a run that failed before its first
+        batch does not block the next run in the same folder."""
+        self.close()
+        if not self.records and not self.appended:
+            self.path.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ runtime, the next one's pixels are already being fetched and converted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -23,24 +24,60 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from .backends import BackendOptions, open_backend
 from .cache import CropCache
-from .devices import DeviceRef
+from .devices import DeviceRef, NodeInfo
+from .errors import one_line
 from .metrics import TOPK, topk_indices
 from .preprocess import ImageError, get_recipe, load_crop, to_tensor
 
 #: Custom Ray resource that counts emulated chips (one per emulated device actor).
 EMULATED_RESOURCE = "emulated_npu"
-#: A batch that failed on this many devices is given up and its images recorded as errors.
+#: A batch that failed this many times is given up and its images recorded as errors.
 MAX_BATCH_ATTEMPTS = 3
 #: A device whose runtime raised this many times is dropped from the run.
 MAX_DEVICE_FAILURES = 2
+
+log = logging.getLogger("cardrunner")
+
+
+# --------------------------------------------------------------------------- device kinds
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """How Ray counts, places and exposes one kind of device."""
+
+    resource: str | None  # Ray resource held by each device actor; None: CPU slices
+    visible_env: str | None  # variable through which the runtime sees only its own chip
+    label: str  # what the devices are called in messages
+
+
+def device_kind(backend: str, provider: str) -> DeviceKind:
+    if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
+        return DeviceKind("NPU", "ASCEND_RT_VISIBLE_DEVICES", "Ascend NPUs")
+    if backend == "onnxruntime" and provider == "cuda":
+        return DeviceKind("GPU", "CUDA_VISIBLE_DEVICES", "GPUs")
+    if backend == "emulated":
+        return DeviceKind(EMULATED_RESOURCE, None, "emulated chips (--emulated-chips)")
+    return DeviceKind(None, None, "CPU slices")
+
+
+def device_actor_options(kind: DeviceKind) -> dict[str, Any]:
+    """Ray placement for one device actor: exactly one chip, no CPU reservation."""
+    opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}
+    if kind.resource == "GPU":
+        opts["num_gpus"] = 1
+    elif kind.resource:
+        opts["resources"] = {kind.resource: 1}
+    return opts
 
 
 # --------------------------------------------------------------------------- actors
@@ -52,43 +89,42 @@ class Preprocessor:
     def __init__(self, shard: list[tuple[int, str]], recipe: str, cache: CropCache | None = None):
         self.shard = shard
         self.recipe = get_recipe(recipe)
-        self.host = socket.gethostname()
         self.cache = cache
         self.writer = cache.writer() if cache is not None and not cache.complete else None
 
     def ready(self) -> bool:
         return True
 
-    def load(self, start: int, stop: int) -> dict[str, Any]:
-        """Positions [start, stop) of this shard -> stacked crops plus per-image errors."""
+    def load(self, start: int, stop: int) -> tuple[dict[str, Any], int]:
+        """Positions [start, stop) of this shard -> (payload, image count).
+
+        Called with ``num_returns=2``: the payload goes to a device actor; the tiny count
+        lets the driver tell a failed preprocessing from a failed device.
+        """
         t0 = time.time()
         part = self.shard[start:stop]
         if self.cache is not None and self.cache.complete:
             pixels, idx, errs = self.cache.batch([i for i, _ in part])
-            return {"pixels": pixels, "indices": idx, "errors": errs, "decode_s": time.time() - t0,
-                    "ready_at": time.time()}
-        crops, indices, errors = [], [], []
-        for index, path in part:
-            try:
-                crop = load_crop(path, self.recipe)
-            except ImageError as exc:
-                errors.append((index, str(exc)))
+        else:
+            crops, indices, errs = [], [], []
+            for index, path in part:
+                try:
+                    crop = load_crop(path, self.recipe)
+                except ImageError as exc:
+                    errs.append((index, str(exc)))
+                    if self.writer:
+                        self.writer.put_error(index, str(exc))
+                    continue
+                crops.append(crop)
+                indices.append(index)
                 if self.writer:
-                    self.writer.put_error(index, str(exc))
-                continue
-            crops.append(crop)
-            indices.append(index)
-            if self.writer:
-                self.writer.put(index, crop)
-        shape = (0, self.recipe.crop, self.recipe.crop, 3)
-        pixels = np.stack(crops) if crops else np.zeros(shape, self.recipe.wire_dtype)
-        return {
-            "pixels": pixels,
-            "indices": np.asarray(indices, dtype=np.int64),
-            "errors": errors,
-            "decode_s": time.time() - t0,
-            "ready_at": time.time(),
-        }
+                    self.writer.put(index, crop)
+            shape = (0, self.recipe.crop, self.recipe.crop, 3)
+            pixels = np.stack(crops) if crops else np.zeros(shape, self.recipe.wire_dtype)
+            idx = np.asarray(indices, dtype=np.int64)
+        payload = {"pixels": pixels, "indices": idx, "errors": errs,
+                   "decode_s": time.time() - t0, "ready_at": time.time()}
+        return payload, len(part)
 
 
 class DeviceWorker:
@@ -104,11 +140,14 @@ class DeviceWorker:
         recipe: str,
         keep_logits: bool,
         visible_env: str | None = None,
+        bind_chip: bool = False,
     ):
         assigned = os.environ.get(visible_env) if visible_env else None
-        if visible_env:
+        if visible_env and bind_chip:
             # Bind the chip the user named; Ray's resource only counts and places.
             os.environ[visible_env] = str(device_id)
+        elif assigned:
+            device_id = int(assigned.split(",")[0])  # --devices all: the chip Ray gave us
         self.device = device
         self.recipe = get_recipe(recipe)
         self.keep_logits = keep_logits
@@ -134,6 +173,14 @@ class DeviceWorker:
 
     def describe(self) -> dict[str, Any]:
         return self.info
+
+    def warm_up(self, batch_size: int) -> None:
+        """One untimed batch: lazy runtime start-up (kernel selection, first execute) must not
+        count as compute time."""
+        spec = self.backend.input
+        shape = (batch_size, *(d if d > 0 else 1 for d in spec.shape[1:]))
+        with self.lock:
+            self.backend.run(np.zeros(shape, dtype=spec.dtype))
 
     def infer(self, payload: dict[str, Any], batch_id: int) -> dict[str, Any]:
         start = time.time()
@@ -164,37 +211,17 @@ class DeviceWorker:
             "handoff_s": max(0.0, start - payload.get("ready_at", start)),
             "convert_s": convert_s,
             "infer_s": infer_s,
-            "start": start,
             "run_start": run_start,
             "run_end": run_end,
             "n": n,
         }
 
     def close(self) -> None:
-        self.backend.close()
+        with self.lock:  # never tear the runtime down under a running batch
+            self.backend.close()
 
 
-def device_actor_options(backend: str, provider: str) -> dict[str, Any]:
-    """Ray placement for one device actor: exactly one chip, no CPU reservation."""
-    opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}
-    if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
-        opts["resources"] = {"NPU": 1}
-    elif backend == "onnxruntime" and provider == "cuda":
-        opts["num_gpus"] = 1
-    elif backend == "emulated":
-        opts["resources"] = {EMULATED_RESOURCE: 1}
-    return opts
-
-
-def visible_devices_env(backend: str, provider: str) -> str | None:
-    if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
-        return "ASCEND_RT_VISIBLE_DEVICES"
-    if backend == "onnxruntime" and provider == "cuda":
-        return "CUDA_VISIBLE_DEVICES"
-    return None
-
-
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- planning
 
 
 @dataclass(frozen=True)
@@ -221,6 +248,42 @@ def plan_batches(
     return [Batch(i, s, a, b, nodes[s]) for i, (s, a, b) in enumerate(order)]
 
 
+def _cuts(total: int, weights: list[int], batch_size: int) -> list[int]:
+    """Split points of ``total`` items in proportion to ``weights``, at whole batches."""
+    acc = np.cumsum([0, *weights]) / max(1, sum(weights))
+    cuts = [min(total, int(round(a * total / batch_size)) * batch_size) for a in acc]
+    cuts[-1] = total
+    return cuts
+
+
+def plan_shards(
+    todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int, workers: int | None
+) -> list[tuple[NodeInfo, list[tuple[int, str]], float]]:
+    """(node, shard, CPUs per actor) for every preprocessing actor.
+
+    The image list is split across the devices' nodes in proportion to their device counts,
+    so each device's batches are decoded on its own host; each node's part is split across
+    ``workers`` actors (default: one per core of that node).  Shards are cut at whole
+    batches, so only the last batch can be partial (fixed-batch .om files pad it).
+    """
+    unique = list({node.node_id: node for node in nodes}.values())
+    per_node = [sum(n.node_id == u.node_id for n in nodes) for u in unique]
+    planned = []
+    for node, (a, b) in zip(unique, pairwise(_cuts(len(todo), per_node, batch_size)),
+                            strict=True):
+        part = todo[a:b]
+        if not part:
+            continue
+        k = max(1, min(workers or node.cpus or 1, math.ceil(len(part) / batch_size)))
+        cpus = min(1.0, max(node.cpus, 1) / k)
+        planned += [(node, part[x:y], cpus)
+                    for x, y in pairwise(_cuts(len(part), [1] * k, batch_size)) if y > x]
+    return planned
+
+
+# --------------------------------------------------------------------------- driver
+
+
 @dataclass
 class DeviceState:
     ref: DeviceRef
@@ -244,29 +307,40 @@ class DriveOutcome:
 
     wall_s: float
     started: float
-    devices: list[DeviceState]
     given_up: list[tuple[int, str]] = field(default_factory=list)  # (batch id, reason)
+
+
+@dataclass
+class _Work:
+    batch: Batch
+    payload: Any = None  # ObjectRef of the preprocessed batch once submitted
+    status: Any = None  # ObjectRef of the preprocessor's image count (None: nothing to check)
+    attempts: int = 0
 
 
 def drive(
     devices: list[DeviceState],
     batches: list[Batch],
-    submit_prep: Callable[[Batch], Any],
+    submit_prep: Callable[[Batch], tuple[Any, Any]],
     on_result: Callable[[dict[str, Any]], None],
     in_flight: int = 2,
     on_give_up: Callable[[Batch, str], None] | None = None,
+    batch_timeout_s: float = 600.0,
 ) -> DriveOutcome:
     """Feed ``batches`` to ``devices`` keeping ``in_flight`` per device; re-queue on failure.
 
-    ``submit_prep(batch)`` returns an ObjectRef of the batch payload (or a payload); the same
-    ref is reused when a batch moves to another device after its device failed.  Each node
-    has its own queue (the batches its preprocessors own); a device takes from its node's
-    queue and, once that is empty, from the fullest other one.
+    ``submit_prep(batch)`` returns (payload ref, status ref); the payload is reused when a
+    batch moves to another device after its device failed, and made again when it was the
+    preprocessing that failed (which is then not held against the device).  Each node has
+    its own queue (the batches its preprocessors own); a device takes from its node's queue
+    and, once that is empty, from the fullest other one.  A device call that runs longer
+    than ``batch_timeout_s`` marks its device as hung: the actor is killed and its batches
+    move.
     """
-    queues: dict[str, deque[tuple[Batch, Any, int]]] = {}
+    queues: dict[str, deque[_Work]] = {}
     for b in batches:
-        queues.setdefault(b.node, deque()).append((b, None, 0))
-    pending: dict[Any, tuple[Batch, Any, int, DeviceState]] = {}
+        queues.setdefault(b.node, deque()).append(_Work(b))
+    pending: dict[Any, tuple[_Work, DeviceState, float]] = {}
     given_up: list[tuple[int, str]] = []
     started = time.time()
 
@@ -278,66 +352,84 @@ def drive(
 
     def fill(dev: DeviceState) -> None:
         while dev.alive and dev.in_flight < in_flight and (queue := next_queue(dev)):
-            batch, payload, attempts = queue.popleft()
-            if payload is None:
-                payload = submit_prep(batch)
-            ref = dev.actor.infer.remote(payload, batch.id)
-            pending[ref] = (batch, payload, attempts, dev)
+            work = queue.popleft()
+            if work.payload is None:
+                work.payload, work.status = submit_prep(work.batch)
+            ref = dev.actor.infer.remote(work.payload, work.batch.id)
+            pending[ref] = (work, dev, time.time())
             dev.in_flight += 1
 
-    def fail(dev: DeviceState, reason: str, fatal: bool) -> None:
-        dev.failures += 1
-        if fatal or dev.failures >= MAX_DEVICE_FAILURES:
-            if dev.alive:
-                dev.failed_at = time.time() - started
-                dev.failure = reason
-                logging.getLogger("cardrunner").warning("device %s dropped: %s", dev.ref, reason)
+    def drop(dev: DeviceState, reason: str) -> None:
+        if dev.alive:
+            dev.failed_at = time.time() - started
+            dev.failure = reason
+            log.warning("device %s dropped: %s", dev.ref, reason)
+
+    def retry(work: _Work, reason: str) -> None:
+        work.attempts += 1
+        if work.attempts >= MAX_BATCH_ATTEMPTS or not any(d.alive for d in devices):
+            given_up.append((work.batch.id, reason))
+            if on_give_up:
+                on_give_up(work.batch, reason)
+        else:
+            queues[work.batch.node].appendleft(work)
 
     for dev in devices:
         fill(dev)
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=min(5.0, batch_timeout_s))
+        if not done:
+            now = time.time()
+            for work, dev, since in list(pending.values()):
+                if now - since > batch_timeout_s and dev.alive:
+                    drop(dev, f"batch {work.batch.id} ran over {batch_timeout_s:g} s: hung")
+                    ray.kill(dev.actor)  # its pending calls now fail and are re-queued
+            continue
         ref = done[0]
-        batch, payload, attempts, dev = pending.pop(ref)
+        work, dev, _ = pending.pop(ref)
         dev.in_flight -= 1
         try:
             result = ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
+        except RayError as exc:
             reason = one_line(exc)
-            fail(dev, reason, fatal=isinstance(exc, RayActorError))
-            if attempts + 1 >= MAX_BATCH_ATTEMPTS or not any(d.alive for d in devices):
-                given_up.append((batch.id, reason))
-                if on_give_up:
-                    on_give_up(batch, reason)
+            if _failed(work.status):
+                work.payload = work.status = None  # preprocessing failed: make it again
+                retry(work, f"preprocessing failed: {reason}")
             else:
+                dev.failures += 1
+                if isinstance(exc, RayActorError) or dev.failures >= MAX_DEVICE_FAILURES:
+                    drop(dev, reason)
                 dev.moved_batches += 1
-                queues[batch.node].appendleft((batch, payload, attempts + 1))
-            for d in devices:
+                retry(work, reason)
+            for d in sorted(devices, key=lambda d: d is dev):  # others get the batch first
                 fill(d)
             continue
         on_result(result)
         fill(dev)
-        if not dev.alive:
-            for d in devices:
-                fill(d)
     # Batches still queued when every device has died are given up too.
     for queue in queues.values():
         while queue:
-            batch, _, _ = queue.popleft()
-            given_up.append((batch.id, "no device left"))
+            work = queue.popleft()
+            given_up.append((work.batch.id, "no device left"))
             if on_give_up:
-                on_give_up(batch, "no device left")
-    return DriveOutcome(time.time() - started, started, devices, given_up)
+                on_give_up(work.batch, "no device left")
+    return DriveOutcome(time.time() - started, started, given_up)
 
 
-def one_line(exc: BaseException) -> str:
-    """The innermost error message of a Ray exception, on one line."""
-    cause = getattr(exc, "cause", None)
-    if cause is not None and not isinstance(cause, RayTaskError):
-        exc = cause
-    text = str(exc).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(exc).__name__)
-    return f"{type(exc).__name__}: {last.strip()}"[:300]
+def _failed(status: Any) -> bool:
+    """Whether the preprocessing behind a batch failed (its tiny status ref holds an error)."""
+    if status is None:
+        return False
+    try:
+        ray.get(status, timeout=30)
+    except GetTimeoutError:
+        return False
+    except RayError:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- Ray
 
 
 def bind_ray_to_loopback() -> None:

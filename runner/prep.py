@@ -65,7 +65,8 @@ def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tup
     """Run ``write_bins`` over chunks on Ray, ``workers`` tasks at a time; return failures."""
     import ray
 
-    from .pipeline import one_line, start_ray
+    from .errors import one_line
+    from .pipeline import start_ray
 
     start_ray(None, {})
     task = ray.remote(num_cpus=1)(write_bins)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from runner.backends import BackendError, BackendOptions, open_backend
-from runner.backends.acl import MISSING_ACL, AclBackend, logical_device, plan_chunks
+from runner.backends import BackendError, BackendOptions, logical_device, open_backend
+from runner.backends.acl import MISSING_ACL, AclBackend, plan_chunks
 from tests.fake_acl import D2H, H2D, FakeAcl, FakeOm, fake_ais_bench, fake_logits
 
 OPTS = BackendOptions()

@@ -15,7 +15,8 @@ from runner.pipeline import EMULATED_RESOURCE, bind_ray_to_loopback
 bind_ray_to_loopback()
 import ray
 from ray.cluster_utils import Cluster
-from runner.evaluation import RunConfig, run_evaluation
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
 from runner.report import write_outputs
 
 images, labels, out = sys.argv[1:4]

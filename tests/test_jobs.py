@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.evaluation import ConfigError
+from runner.config import ConfigError
 from runner.jobs import Gates, check_gates, load_job
 
 ROOT = Path(__file__).resolve().parents[1]

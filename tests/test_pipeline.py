@@ -9,7 +9,8 @@ import pytest
 from conftest import tiny_classifier
 
 from runner.backends.emulated import batch_latency_ms, emulated_logits
-from runner.evaluation import ConfigError, RunConfig, run_evaluation
+from runner.config import ConfigError, RunConfig
+from runner.evaluation import run_evaluation
 from runner.metrics import topk_indices
 from runner.pipeline import plan_batches
 from runner.preprocess import get_recipe, load_crop, to_tensor

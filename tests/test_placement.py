@@ -4,8 +4,9 @@ import os
 
 import ray
 
-from runner.evaluation import RunConfig, _resolve_backend
-from runner.pipeline import EMULATED_RESOURCE, device_actor_options, visible_devices_env
+from runner.config import RunConfig
+from runner.evaluation import _resolve_backend
+from runner.pipeline import EMULATED_RESOURCE, device_actor_options, device_kind
 
 
 def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
@@ -14,7 +15,7 @@ def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
             return {"visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
                     "npu_ids": ray.get_runtime_context().get_accelerator_ids().get("NPU")}
 
-    opts = device_actor_options("acl", "cpu")
+    opts = device_actor_options(device_kind("acl", "cpu"))
     assert opts["resources"] == {"NPU": 1} and opts["num_cpus"] == 0
     actors = [ray.remote(ChipProbe).options(**opts).remote() for _ in range(4)]
     chips = ray.get([a.chip.remote() for a in actors])
@@ -26,14 +27,17 @@ def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
 
 
 def test_each_backend_asks_for_its_own_resource():
-    assert device_actor_options("onnxruntime", "cuda")["num_gpus"] == 1
-    assert device_actor_options("onnxruntime", "cann")["resources"] == {"NPU": 1}
-    assert device_actor_options("emulated", "cpu")["resources"] == {EMULATED_RESOURCE: 1}
-    cpu = device_actor_options("onnxruntime", "cpu")
+    def opts(backend, provider):
+        return device_actor_options(device_kind(backend, provider))
+
+    assert opts("onnxruntime", "cuda")["num_gpus"] == 1
+    assert opts("onnxruntime", "cann")["resources"] == {"NPU": 1}
+    assert opts("emulated", "cpu")["resources"] == {EMULATED_RESOURCE: 1}
+    cpu = opts("onnxruntime", "cpu")
     assert cpu["num_cpus"] == 0 and "resources" not in cpu and cpu["max_concurrency"] == 2
-    assert visible_devices_env("acl", "cpu") == "ASCEND_RT_VISIBLE_DEVICES"
-    assert visible_devices_env("onnxruntime", "cuda") == "CUDA_VISIBLE_DEVICES"
-    assert visible_devices_env("onnxruntime", "cpu") is None
+    assert device_kind("acl", "cpu").visible_env == "ASCEND_RT_VISIBLE_DEVICES"
+    assert device_kind("onnxruntime", "cuda").visible_env == "CUDA_VISIBLE_DEVICES"
+    assert device_kind("onnxruntime", "cpu").visible_env is None
 
 
 def test_backend_auto_picks_acl_when_ray_sees_npus(ray_session):

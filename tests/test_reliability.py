@@ -16,7 +16,8 @@ from conftest import write_images
 from PIL import Image
 
 from runner.backends.emulated import emulated_logits
-from runner.evaluation import RunConfig, run_evaluation
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
 from runner.metrics import topk_indices
 from runner.preprocess import get_recipe, load_crop
 from runner.report import write_outputs
@@ -40,7 +41,7 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     out = tmp_path / "run"
     cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
                     batch_size=2, out=str(out), progress=False, emulated_latency_ms=5.0,
-                    backend_extra={"2": {"fault": {"after": 2, "mode": mode}}})
+                    backend_extra={"2": {"fault": {"after": 3, "mode": mode}}})  # warm-up + 2
     result = run_evaluation(cfg)
     perf = write_outputs(result, out)
     assert journal_indices(out) == list(range(64))  # every image exactly once

@@ -70,6 +70,19 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def logical_device(device_id: int, visible: str | None) -> int:
+    """The id to hand the runtime for physical chip ``device_id``.
+
+    Under ``ASCEND_RT_VISIBLE_DEVICES`` (Ray sets it for an actor holding an NPU) the runtime
+    numbers the visible chips from 0; the chip is ``device_id``'s position in the list when
+    listed there, else the first visible chip.
+    """
+    if not visible or not visible.strip():
+        return device_id
+    ids = [part.strip() for part in visible.split(",")]
+    return ids.index(str(device_id)) if str(device_id) in ids else 0
+
+
 def open_backend(
     kind: str, model: str | Path | dict[int, Path] | None, device_id: int, options: BackendOptions
 ) -> Backend:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import BackendError, BackendOptions, InputSpec
+from ..errors import one_line
+from . import BackendError, BackendOptions, InputSpec, logical_device
 
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE = 1
@@ -54,19 +55,6 @@ def read_manifest(path: str | Path) -> tuple[dict[int, Path], dict[str, Any]]:
     if not models:
         raise BackendError(f"{path}: the manifest lists no .om models")
     return models, declared
-
-
-def logical_device(device_id: int, visible: str | None) -> int:
-    """The id to hand the runtime for physical chip ``device_id``.
-
-    Under ``ASCEND_RT_VISIBLE_DEVICES`` (Ray sets it for an actor holding an NPU) the runtime
-    numbers the visible chips from 0; the chip is ``device_id``'s position in the list when
-    listed there, else the first visible chip.
-    """
-    if not visible or not visible.strip():
-        return device_id
-    ids = [part.strip() for part in visible.split(",")]
-    return ids.index(str(device_id)) if str(device_id) in ids else 0
 
 
 def plan_chunks(n: int, batch_sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
@@ -144,10 +132,6 @@ def _add(models: dict[int, _Om], om: _Om) -> None:
             f"{om.path.name} and {models[om.batch].path.name} both have batch size {om.batch}"
         )
     models[om.batch] = om
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class _PyAcl:
@@ -358,7 +342,7 @@ class _AisBench:
             return fn(*args)
         except Exception as exc:
             raise BackendError(
-                f"ais_bench {name} failed: {_one_line(exc)} ({self._where}, model {om})"
+                f"ais_bench {name} failed: {one_line(exc)} ({self._where}, model {om})"
             ) from exc
 
     def execute(self, batch_size: int, data: np.ndarray) -> tuple[np.ndarray, float]:

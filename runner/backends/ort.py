@@ -9,18 +9,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from . import BackendError, BackendOptions, InputSpec
+from . import BackendError, BackendOptions, InputSpec, logical_device
 
 _PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cann": "CANNExecutionProvider",
 }
+_VISIBLE_ENV = {"cuda": "CUDA_VISIBLE_DEVICES", "cann": "ASCEND_RT_VISIBLE_DEVICES"}
 _DTYPES = {"tensor(float)": "float32", "tensor(uint8)": "uint8", "tensor(float16)": "float16"}
-
-
-def available_providers() -> list[str]:
-    return ort.get_available_providers()
 
 
 class OrtBackend:
@@ -59,7 +56,10 @@ class OrtBackend:
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             providers: list = [want]
         else:
-            provider_options: dict[str, str] = {"device_id": str(device_id)}
+            # The device actor narrowed the visible devices to its own: that one is logical 0.
+            env = _VISIBLE_ENV[options.provider]
+            logical = logical_device(device_id, os.environ.get(env))
+            provider_options: dict[str, str] = {"device_id": str(logical)}
             if options.provider == "cann" and options.precision:
                 provider_options["precision_mode"] = options.precision
             providers = [(want, provider_options), "CPUExecutionProvider"]

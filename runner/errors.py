@@ -1,0 +1,23 @@
+"""Turning exceptions into the one-line messages every command prints."""
+
+from __future__ import annotations
+
+from ray.exceptions import RayError, RayTaskError
+
+
+def one_line(exc: BaseException) -> str:
+    """The innermost meaningful message of ``exc`` on one line, at most 300 characters.
+
+    Ray wraps a remote error in a RayTaskError whose text is the whole remote traceback; its
+    ``cause`` is the error itself.  Ray's own errors (ActorDiedError, ...) keep their type
+    name and last line; other errors have their lines joined.
+    """
+    cause = getattr(exc, "cause", None)
+    if cause is not None and not isinstance(cause, RayTaskError):
+        exc = cause
+    if isinstance(exc, RayError):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
+    else:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
