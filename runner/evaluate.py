@@ -108,25 +108,30 @@ def job_from_args(args: argparse.Namespace) -> Job:
     return job
 
 
-def run_one(cfg: RunConfig, job: Job, show: int = 0, synsets: str | None = None) -> int:
+def run_one(cfg: RunConfig, job: Job, show: int = 0) -> int:
     result = run_evaluation(cfg)
     out = Path(cfg.out)
-    perf = write_outputs(result, out, synsets)
+    perf = write_outputs(result, out, cfg.synsets)
     if show:
-        print(format_examples(result, show, synsets))
-    print(format_table(perf, perf["accuracy"]))
+        print(format_examples(result, show, cfg.synsets))
+    if result.stats:
+        print(format_table(perf, perf["accuracy"]))
+    else:
+        print(f"nothing left to run: all {result.num_images} images were finished in an earlier "
+              "session; rewrote the accuracy files, kept the speed files")
     for note in perf.get("notes", []):
         print(note)
     print(f"wrote {out}/")
     code = 0
-    failures = check_gates(job.gates, perf["accuracy"], perf["card"]["measured_fps"])
+    fps = perf["card"]["measured_fps"] if result.stats else None
+    failures = check_gates(job.gates, perf["accuracy"], fps)
     for line in failures:
         print(f"evaluate: {line}", file=sys.stderr)
     if failures:
         code = 3
-    not_scored = perf["accuracy"]["not_scored"]
-    if not_scored > job.max_errors:
-        print(f"evaluate: {not_scored} images were not scored (see {out / 'errors.csv'}); "
+    errors = perf["accuracy"]["errors"]
+    if errors > job.max_errors:
+        print(f"evaluate: {errors} images were not scored (see {out / 'errors.csv'}); "
               f"--max-errors is {job.max_errors}", file=sys.stderr)
         code = code or 4
     return code
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = job.config_for(bs)
             if len(job.batch_sizes) > 1:
                 print(f"== batch size {bs} -> {cfg.out}", flush=True)
-            code = run_one(cfg, job, args.show, args.synsets) or code
+            code = run_one(cfg, job, args.show) or code
         except CONFIG_ERRORS as exc:
             print(f"evaluate: error: {exc}", file=sys.stderr)
             return 2

@@ -22,11 +22,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .config import ConfigError, RunConfig
+from .errors import one_line
 
-_RUN_KEYS = {"backend", "provider", "devices", "batch_sizes", "recipe", "out", "workers",
-             "in_flight", "threads", "keep_logits", "address", "emulated_chips",
-             "emulated_latency_ms", "pure_infer", "rounds", "max_errors"}
-_PATH_KEYS = {"out", "model", "images", "labels"}
+_DATA_KEYS = {"images", "labels", "limit"}
+#: [run] takes every RunConfig field except those of [model]/[data] and the test-only hook.
+_RUN_KEYS = (set(RunConfig.__dataclass_fields__) - _DATA_KEYS
+             - {"model", "backend_extra", "batch_size"}) | {"batch_sizes", "max_errors"}
+_PATH_KEYS = {"out", "model", "images", "labels", "cache", "synsets"}
 
 
 @dataclass(frozen=True)
@@ -80,9 +82,21 @@ def load_job(path: str | Path) -> Job:
         raise ConfigError(f"--job: {path}: unknown section(s): {', '.join(unknown)}")
     run = _section(doc, "run", _RUN_KEYS, path)
     model = _section(doc, "model", {"path", "by_batch_size"}, path)
-    data = _section(doc, "data", {"images", "labels", "limit"}, path)
-    gates = Gates(**_section(doc, "gates", {"top1", "top5", "tolerance", "min_fps"}, path))
+    data = _section(doc, "data", _DATA_KEYS, path)
+    try:
+        gates = Gates(**_section(doc, "gates", {"top1", "top5", "tolerance", "min_fps"}, path))
+    except TypeError as exc:
+        raise ConfigError(f"--job: {path}: [gates]: {exc}") from None
 
+    try:
+        return _build_job(path, run, model, data, gates)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # e.g. max_errors = "x", by_batch_size key "a"
+        raise ConfigError(f"--job: {path}: {one_line(exc)}") from None
+
+
+def _build_job(path: Path, run: dict, model: dict, data: dict, gates: Gates) -> Job:
     base = path.parent
     settings: dict[str, Any] = {k: v for k, v in run.items() if k not in ("batch_sizes",
                                                                          "max_errors")}
@@ -98,8 +112,10 @@ def load_job(path: str | Path) -> Job:
     return Job(path, settings, list(sizes), by_batch, gates, int(run.get("max_errors", 0)))
 
 
-def check_gates(gates: Gates, accuracy: dict[str, Any], card_fps: float) -> list[str]:
-    """One line per failed gate, naming the figure and the gap; empty when all pass."""
+def check_gates(gates: Gates, accuracy: dict[str, Any], card_fps: float | None) -> list[str]:
+    """One line per failed gate, naming the figure and the gap; empty when all pass.
+
+    ``card_fps`` is None when nothing was timed (a resume with nothing left to run)."""
     failures = []
     for name in ("top1", "top5"):
         want = getattr(gates, name)
@@ -113,7 +129,7 @@ def check_gates(gates: Gates, accuracy: dict[str, Any], card_fps: float) -> list
                 f"{name} gate failed: {got:.2f}% is {want - got:.2f} points below {want} "
                 f"(tolerance {gates.tolerance})"
             )
-    if gates.min_fps is not None and card_fps < gates.min_fps:
+    if gates.min_fps is not None and card_fps is not None and card_fps < gates.min_fps:
         failures.append(
             f"speed gate failed: card {card_fps:.2f} img/s is {gates.min_fps - card_fps:.2f} "
             f"below the minimum {gates.min_fps}"

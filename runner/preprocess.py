@@ -51,11 +51,6 @@ class Recipe:
     wire_dtype: str  # dtype of the crop sent from preprocessing to the device actor
     reference: str
 
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """CHW shape of one model input."""
-        return (3, self.crop, self.crop)
-
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

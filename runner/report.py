@@ -172,10 +172,14 @@ def _versions() -> dict[str, str]:
 def accuracy_summary(result: RunResult) -> dict[str, Any]:
     acc = result.accuracy()
     scored = int(result.scored.size)
+    missing = sum(1 for issue in result.issues if issue.index < 0)
     out: dict[str, Any] = {
-        "images": result.num_images,
+        "images": result.num_images,  # image files in the run
         "scored": scored,
-        "not_scored": len(result.issues),
+        "not_scored": result.num_images - scored,
+        # labelled images without a file and files without a label: not among ``images``
+        "unlabelled_or_missing": missing,
+        "errors": len(result.issues),  # every line of errors.csv; --max-errors counts these
         "resumed_images": result.resumed_images,
         "cache": result.cache,
     }
@@ -198,7 +202,8 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
             f"{d['id']:>8} {d['host'][:12]:>12} {d['images']:>7} {d['batches']:>7} "
             f"{d['compute_fps']:>11.2f} {d['e2e_fps']:>8.2f} {d['busy_share']:>6.1%} "
             f"{p50:>7} {p99:>7}"
-            + (f"  FAILED at {d['failed_at_s']:.1f}s: {d['failure']}" if d["failed_at_s"] else "")
+            + (f"  FAILED at {d['failed_at_s']:.1f}s: {d['failure']}"
+               if d["failed_at_s"] is not None else "")
         )
     lines += [
         f"card: {card['devices']} devices, {card['images']} images in {card['wall_s']:.2f} s"
@@ -214,9 +219,11 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
     lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")
     if accuracy and "top1" in accuracy:
+        n = accuracy["unlabelled_or_missing"]
+        missing = f", {n} unlabelled or missing" if n else ""
         lines.append(
             f"accuracy: top1 {accuracy['top1']}%  top5 {accuracy['top5']}%  over "
-            f"{accuracy['scored']} scored images ({accuracy['not_scored']} not scored)"
+            f"{accuracy['scored']} scored images ({accuracy['not_scored']} not scored{missing})"
         )
     return "\n".join(lines)
 
@@ -246,6 +253,8 @@ def guide_perf_lines(result: RunResult, perf: dict[str, Any], device: dict[str, 
         f"[infer] throughputRate: {e2e:.6g}, Interface throughputRate: "
         f"{device['compute_fps']:.6g}, moduleLatency: {1000 * wall / n:.6g}\n"
         f"[post] throughputRate: {batch_rate:.6g}, moduleLatency: {rate(batch_rate):.6g}\n"
+        + ("# EMULATED Ascend 310 latency model: not a hardware measurement\n"
+           if device["emulated"] else "")
     )
 
 
@@ -312,24 +321,32 @@ def write_timeline(result: RunResult, path: Path) -> str | None:
 
 
 def write_outputs(result: RunResult, out: Path, synsets: str | None = None) -> dict[str, Any]:
-    """Write every file of a run folder (see README); return perf.json's content."""
+    """Write every file of a run folder (see README); return perf.json's content.
+
+    A resumed run's speed figures cover only this session (``perf.json`` says so); a resume
+    with nothing left to run rewrites the accuracy files and leaves the speed files alone.
+    """
     perf = perf_summary(result)
     acc = result.accuracy()
     perf["accuracy"] = accuracy_summary(result)
+    timed = bool(result.stats)
+    if result.resumed_images:
+        perf["notes"] = [f"resumed: {result.resumed_images} images were finished in an earlier "
+                         "session; the speed figures cover this session only"]
     if acc is not None:
         (out / "result.json").write_text(acc.to_guide_json())
         with open(out / "per_class.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["class", "wnid", "name", "images", "top1_pct", "top5_pct"])
             w.writerows(per_class_rows(result, synsets))
-    for d in perf["devices"]:
-        name = f"perf_vision_batchsize_{result.config.batch_size}_device_{d['id']}.txt"
-        (out / name).write_text(guide_perf_lines(result, perf, d))
-    if result.stats:
+    if timed:
+        for d in perf["devices"]:
+            name = f"perf_vision_batchsize_{result.config.batch_size}_device_{d['id']}.txt"
+            (out / name).write_text(guide_perf_lines(result, perf, d))
         note = write_timeline(result, out / "timeline.png")
         if note:
-            perf["notes"] = [note]
-    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
+            perf.setdefault("notes", []).append(note)
+        (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     if result.names:
         with open(out / "predictions.csv", "w", newline="") as f:
             w = csv.writer(f)

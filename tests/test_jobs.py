@@ -30,6 +30,12 @@ def test_job_rejects_unknown_keys_and_bad_toml(tmp_path):
         load_job(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_job(tmp_path / "missing.toml")
+    bad.write_text("[run]\nmax_errors = 'x'\n")
+    with pytest.raises(ConfigError, match="invalid literal"):
+        load_job(bad)
+    bad.write_text("[model.by_batch_size]\na = 'x.om'\n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_job(bad)
 
 
 def test_gates_name_the_gap():

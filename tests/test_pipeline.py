@@ -1,6 +1,7 @@
 """End-to-end runs through Ray: every image scored exactly once, figures consistent."""
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,13 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
     cfg = RunConfig(model=str(tiny_model), images=str(folder), labels=str(labels),
                     devices="0-1", batch_size=5, out=str(tmp_path / "run"), progress=False,
                     keep_logits=True)
+    t0 = time.time()
     result = run_evaluation(cfg)
+    elapsed = time.time() - t0
     perf = write_outputs(result, tmp_path / "run")
+    # The timed window lies inside the call and spans every batch's runtime call.
+    span = max(s.run_end for s in result.stats) - min(s.run_start for s in result.stats)
+    assert span <= perf["card"]["wall_s"] + 1e-3 and perf["card"]["wall_s"] < elapsed
     written = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"result.json", "perf.json", "predictions.csv", "per_class.csv", "errors.csv",
             "journal.jsonl", "logits.npy", "timeline.png", "perf_vision_batchsize_5_device_0.txt",

@@ -119,6 +119,16 @@ def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
     assert journal_indices(out) == list(range(64))
     perf = json.loads((out / "perf.json").read_text())
     assert 0 < perf["accuracy"]["resumed_images"] < 64
+    assert any("this session only" in note for note in perf["notes"])
+
+    # Resuming a finished run has nothing to time: accuracy rewritten, speed files kept.
+    before = (out / "perf.json").read_bytes()
+    again = subprocess.run(evaluate_cmd(folder, labels, out, "--resume", "--min-fps", "1e9"),
+                           env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to run" in again.stdout
+    assert (out / "perf.json").read_bytes() == before
+    assert (out / "result.json").read_text() == (tmp_path / "whole" / "result.json").read_text()
 
 
 def broken_folder(root: Path) -> tuple[Path, Path, dict[str, str]]:
@@ -166,7 +176,9 @@ def test_broken_inputs_are_named_in_errors_csv_and_the_run_finishes(tmp_path):
     for key, word in bad.items():
         assert word in reasons[key].lower(), (key, reasons[key])
     perf = json.loads((out / "perf.json").read_text())
-    assert perf["accuracy"]["scored"] == 10 and perf["accuracy"]["not_scored"] == 6
+    acc = perf["accuracy"]
+    counts = (acc["scored"], acc["not_scored"], acc["unlabelled_or_missing"], acc["errors"])
+    assert counts == (10, 4, 2, 6)
     result = json.loads((out / "result.json").read_text())
     assert result["value"][0]["value"] == "10"
     ok = subprocess.run(proc.args + ["--overwrite", "--max-errors", "6"], env=env,
@@ -196,3 +208,39 @@ def test_bad_configuration_is_one_line(ray_session, images64, tmp_path, kwargs, 
     with pytest.raises(CONFIG_ERRORS) as err:
         run_evaluation(RunConfig(**settings))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batches_are_given_up_and_listed_when_every_chip_fails(ray_session, images64, tmp_path):
+    folder, labels = images64
+    fault = {"fault": {"after": 1, "mode": "raise"}}  # each chip fails right after warm-up
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-1",
+                    batch_size=8, out=str(tmp_path / "run"), progress=False,
+                    emulated_latency_ms=1.0, backend_extra={"0": fault, "1": fault})
+    result = run_evaluation(cfg)
+    assert result.scored.size == 0
+    assert sorted(i.index for i in result.issues) == list(range(64))  # every image listed once
+    reasons = {i.reason.split(":")[0] for i in result.issues}
+    assert reasons <= {"batch failed", "no device left"}
+    assert len(result.outcome.given_up) == 8
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--in-flight", "0"], "--in-flight must be positive"),
+    (["--limit", "-1"], "--limit must be positive"),
+    (["--emulated-chips", "0"], "--emulated-chips must be at least 1"),
+    (["--resume", "--overwrite"], "exclude each other"),
+])
+def test_bad_numbers_exit_2_with_one_line(images64, tmp_path, flags, message):
+    folder, labels = images64
+    proc = subprocess.run(evaluate_cmd(folder, labels, tmp_path / "run", *flags),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_out_that_is_a_file_is_one_line(images64, tmp_path):
+    folder, labels = images64
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run(evaluate_cmd(folder, labels, tmp_path / "file"), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
