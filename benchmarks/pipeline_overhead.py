@@ -1,11 +1,12 @@
 """Runner (Ray, --devices 0-1) vs a plain single-process loop on the same images and model.
 
 The plain loop decodes, preprocesses and infers in turn with one ONNX Runtime session using
-every core, at the same batch size.  Both run twice, interleaved; medians are reported.
-The runner's figure is its measured card rate (first batch submitted -> last result), the
-same number ``perf.json`` reports; Ray start-up and model loading are excluded from both.
+every core, at the same batch size.  Both run --reps times, interleaved, after the same
+untimed warm-up; medians are reported.  The runner's figure is its measured card rate
+(first batch submitted -> last result), the number ``perf.json`` reports; Ray start-up
+and model loading are excluded from both.
 
-    python benchmarks/pipeline_overhead.py [--images 256] [--batch-size 16] [--reps 2]
+    python benchmarks/pipeline_overhead.py [--images 256] [--batch-size 16] [--reps 5]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from runner.devices import cpu_slots
 from runner.evaluation import run_evaluation
 from runner.pipeline import start_ray
 from runner.preprocess import get_recipe, load_crop, to_tensor
+from runner.report import perf_summary
 
 
 def plain_loop(model: str, paths: list[str], batch_size: int) -> float:
@@ -33,7 +35,9 @@ def plain_loop(model: str, paths: list[str], batch_size: int) -> float:
     so.intra_op_num_threads = cpu_slots()
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     recipe = get_recipe("huawei")
-    sess.run(None, {"image": np.zeros((1, 3, 300, 300), np.float32)})  # warm-up, untimed
+    warm = np.random.default_rng(0).standard_normal((batch_size, 3, 300, 300)).astype(np.float32)
+    for _ in range(2):  # the same untimed warm-up the runner's device actors get
+        sess.run(None, {"image": warm})
     t0 = time.perf_counter()
     for a in range(0, len(paths), batch_size):
         crops = np.stack([load_crop(p, recipe) for p in paths[a : a + batch_size]])
@@ -45,15 +49,14 @@ def runner_rate(model: str, images: str, labels: str, n: int, batch_size: int) -
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(model=model, images=images, labels=labels, devices="0-1",
                         batch_size=batch_size, limit=n, out=out, progress=False)
-        result = run_evaluation(cfg)
-    return sum(s.n for s in result.stats) / result.outcome.wall_s
+        return perf_summary(run_evaluation(cfg))["card"]["measured_fps"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", default="benchmarks/results/pipeline_overhead.json")
     args = p.parse_args()
 

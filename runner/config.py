@@ -24,7 +24,7 @@ class RunConfig:
     batch_size: int = 16
     out: str = "runs/latest"
     recipe: str | None = None  # default: the model's metadata, else "huawei"
-    workers: int | None = None  # preprocessing actors per node; default: one per core
+    workers: int | None = None  # preprocessing actors per node; see pipeline.default_workers
     in_flight: int = 2
     threads: int | None = None  # onnxruntime CPU threads per device; default cores / devices
     limit: int | None = None

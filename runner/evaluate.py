@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preprocess", dest="recipe",
                    help="recipe: huawei, pycls or tf-lite (default: from the model's metadata)")
     p.add_argument("--workers", type=int,
-                   help="preprocessing actors per node (default: one per core)")
+                   help="preprocessing actors per node (default: one per core; half the "
+                   "cores when inference runs on the CPU too)")
     p.add_argument("--in-flight", type=int, help="batches queued per device (default 2)")
     p.add_argument("--threads", type=int, help="onnxruntime CPU threads per device")
     p.add_argument("--limit", type=int, help="use only the first N images")

@@ -362,7 +362,8 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
                             names=dataset.names, labels=labels, top=top, issues=issues,
                             resumed_images=resumed)
 
-        planned = plan_shards(todo, s.nodes, cfg.batch_size, cfg.workers)
+        planned = plan_shards(todo, s.nodes, cfg.batch_size, cfg.workers,
+                              cpu_inference=s.devices[0].info["provider"] == "CPUExecutionProvider")
         shards = [shard for _, shard, _ in planned]
         preps = [
             ray.remote(Preprocessor).options(

@@ -41,7 +41,7 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     out = tmp_path / "run"
     cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
                     batch_size=2, out=str(out), progress=False, emulated_latency_ms=5.0,
-                    backend_extra={"2": {"fault": {"after": 3, "mode": mode}}})  # warm-up + 2
+                    backend_extra={"2": {"fault": {"after": 4, "mode": mode}}})  # 2 warm-up + 2
     result = run_evaluation(cfg)
     perf = write_outputs(result, out)
     assert journal_indices(out) == list(range(64))  # every image exactly once
@@ -212,7 +212,7 @@ def test_bad_configuration_is_one_line(ray_session, images64, tmp_path, kwargs, 
 
 def test_batches_are_given_up_and_listed_when_every_chip_fails(ray_session, images64, tmp_path):
     folder, labels = images64
-    fault = {"fault": {"after": 1, "mode": "raise"}}  # each chip fails right after warm-up
+    fault = {"fault": {"after": 2, "mode": "raise"}}  # each chip fails right after warm-up
     cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-1",
                     batch_size=8, out=str(tmp_path / "run"), progress=False,
                     emulated_latency_ms=1.0, backend_extra={"0": fault, "1": fault})
