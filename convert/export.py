@@ -188,6 +188,14 @@ def sha256_16(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def make_output_dir(out: Path) -> None:
+    """Create the output's folder (like ``runs/models``) or say in one line why not."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output directory {out.parent}: {exc.strerror}") from None
+
+
 def add_export_options(p: argparse.ArgumentParser) -> None:
     """The options every exporter CLI shares."""
     p.add_argument("--opset", type=int, default=11, help="ONNX opset (default 11, as the guide)")

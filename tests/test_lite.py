@@ -113,9 +113,11 @@ def test_fp16_export_keeps_its_io_types_and_runs_in_onnxruntime(lite0, tmp_path,
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys):
-    assert main([str(tmp_path / "missing" / "m.onnx")]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main([str(tmp_path / "file" / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"lite2onnx: error: output directory does not exist: {tmp_path / 'missing'}"]
+    assert err == [f"lite2onnx: error: cannot create output directory {tmp_path / 'file'}: "
+                   "File exists"]
 
 
 @needs_val_227

@@ -2,11 +2,13 @@
 
 import os
 
+import pytest
 import ray
 
+from runner.backends import BackendOptions
 from runner.config import RunConfig
 from runner.evaluation import _resolve_backend
-from runner.pipeline import EMULATED_RESOURCE, device_actor_options, device_kind
+from runner.pipeline import EMULATED_RESOURCE, DeviceWorker, device_actor_options, device_kind
 
 
 def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
@@ -42,3 +44,21 @@ def test_each_backend_asks_for_its_own_resource():
 
 def test_backend_auto_picks_acl_when_ray_sees_npus(ray_session):
     assert _resolve_backend(RunConfig(backend="auto")) == ("acl", "cpu")
+
+
+@pytest.mark.parametrize("bind", [False, True])
+def test_device_workers_on_fake_npus_each_get_a_distinct_chip(ray_session, bind):
+    """--devices all keeps Ray's assignment; named devices bind the chip the user named."""
+    kind = device_kind("acl", "cpu")
+    worker = ray.remote(DeviceWorker).options(**device_actor_options(kind))
+    actors = [worker.remote("emulated", None, str(i), i, BackendOptions(), "huawei", False,
+                            kind.visible_env, bind) for i in range(4)]
+    infos = ray.get([a.describe.remote() for a in actors])
+    assert sorted(i["device_id"] for i in infos) == [0, 1, 2, 3]
+    assert len({i["ray_assigned"] for i in infos}) == 4  # Ray gave each its own NPU
+    if bind:
+        assert [i["device_id"] for i in infos] == [0, 1, 2, 3]
+    else:
+        assert all(i["device_id"] == int(i["ray_assigned"]) for i in infos)
+    for a in actors:
+        ray.kill(a)

@@ -38,11 +38,6 @@ class InputSpec:
     def layout(self) -> str:
         return "NHWC" if self.dtype == "uint8" else "NCHW"
 
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width) of one image."""
-        return (self.shape[1], self.shape[2]) if self.layout == "NHWC" else self.shape[2:4]
-
 
 @dataclass(frozen=True)
 class BackendOptions:
