@@ -7,7 +7,6 @@ silently produces opset 18+, which ATC and older runtimes reject.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
 import time
@@ -21,6 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from runner.modelfile import file_sha256
 from runner.preprocess import Recipe, get_recipe
 
 INPUT_NAME = "image"
@@ -181,11 +181,7 @@ def verify_onnx(
 
 def sha256_16(path: Path) -> str:
     """First 16 hex digits of a file's SHA-256: names the weights in the model's metadata."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def make_output_dir(out: Path) -> None:

@@ -14,7 +14,6 @@ run by them, so flag spellings are checked against the guide and CANN's document
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ from pathlib import Path
 import onnx
 
 from convert.aipp import aipp_params, write_aipp_config
+from runner.modelfile import file_sha256
 from runner.preprocess import Recipe, get_recipe
 
 PROG = "onnx2om"
@@ -114,14 +114,6 @@ def atc_argv(
     if opts.insert_op_conf is not None:
         argv.append(f"--insert_op_conf={opts.insert_op_conf}")
     return argv
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_atc() -> None:
@@ -256,7 +248,7 @@ def convert(args: argparse.Namespace) -> None:
 
     manifest = {
         "onnx": str(args.onnx.resolve()),
-        "onnx_sha256": sha256_file(args.onnx),
+        "onnx_sha256": file_sha256(args.onnx),
         "arch": meta.get("cardrunner.arch"),
         "soc": args.soc,
         "atc_flags": {str(bs): argv for bs, argv in commands.items()},

@@ -49,7 +49,9 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     dead = {d["id"]: d for d in perf["devices"]}["2"]
     assert dead["failed_at_s"] is not None and dead["moved_batches"] >= 1
     assert ("injected fault" in dead["failure"]) if mode == "raise" else dead["failure"]
-    assert dead["images"] == 4  # its two good batches
+    # Its two good batches; when the process dies, the second one's reply may still be on
+    # the wire: then that batch moves too and is scored elsewhere (exactly once, checked above).
+    assert dead["images"] == 4 if mode == "raise" else dead["images"] in (2, 4)
     assert perf["accuracy"]["not_scored"] == 0
 
 
