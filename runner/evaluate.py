@@ -22,7 +22,7 @@ from .journal import JournalError
 from .metrics import LabelError
 from .report import format_examples, format_table, write_outputs
 
-DEMO_IMAGES = 1000
+DEMO_IMAGES = 2000
 CONFIG_ERRORS = (ConfigError, DeviceSpecError, DatasetError, LabelError, JournalError,
                  BackendError)
 

@@ -59,7 +59,7 @@ def test_a_killed_device_actor_mid_run(ray_session, images64, tmp_path):
     folder, labels = images64
     out = tmp_path / "run"
     cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
-                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=20.0)
+                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=50.0)
 
     def killer():
         deadline = time.time() + 30
