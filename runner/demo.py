@@ -37,11 +37,15 @@ def synthetic_image(rng: np.random.Generator, width: int, height: int, gray: boo
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> Path:
-    """``count`` JPEGs plus ``val_label.txt``; existing files are kept (the set only grows)."""
+    """At least ``count`` JPEGs plus a ``val_label.txt`` that labels every one of them.
+
+    The set only grows: files made for a larger demo are kept and stay labelled.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     lines = []
-    for i in range(1, count + 1):
+    total = max(count, len(list(folder.glob("ILSVRC2012_val_*.JPEG"))))
+    for i in range(1, total + 1):
         # Draw every value even for files that exist, so file i is the same for any count.
         w, h = SIZES[min(int(rng.exponential(3.0)), len(SIZES) - 1)]
         gray = rng.random() < GRAYSCALE_SHARE

@@ -306,13 +306,25 @@ def write_timeline(result: RunResult, path: Path) -> str | None:
     top.set_yticks(range(len(devices)), [f"device {d}" for d in devices])
     emulated = " (EMULATED chips)" if any(d["emulated"] for d in result.devices) else ""
     top.set_title(f"busy intervals per device{emulated}")
-    ends = np.array([s.run_end - t0 for s in result.stats])
-    counts = np.array([s.n for s in result.stats])
-    width = max(0.25, result.outcome.wall_s / 60)
-    bins = np.arange(0, result.outcome.wall_s + width, width)
-    hist, _ = np.histogram(ends, bins=bins, weights=counts)
-    bottom.step(bins[:-1], hist / width, where="post")
+    # Images finished in a trailing window of a few batches: a narrower one only shows
+    # which batches happened to end close together.
+    order = np.argsort([s.run_end for s in result.stats])
+    ends = np.array([result.stats[i].run_end - t0 for i in order])
+    done = np.cumsum([result.stats[i].n for i in order])
+    batch_s = float(np.median([s.run_end - s.run_start for s in result.stats]))
+    width = max(result.outcome.wall_s / 20, 2 * batch_s, 0.05)
+    grid = np.linspace(0, max(result.outcome.wall_s, width), 200)
+
+    def finished(t: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(ends, t, side="right")
+        return np.where(k > 0, done[np.maximum(k - 1, 0)], 0)
+
+    span = np.minimum(grid, width)
+    rate = np.divide(finished(grid) - finished(grid - width), span,
+                     out=np.zeros_like(grid), where=span > 0)
+    bottom.plot(grid, rate)
     bottom.set_ylabel("card img/s")
+    bottom.set_title(f"images finished in the last {width:.1f} s", fontsize=9)
     bottom.set_xlabel("seconds since the first batch")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
