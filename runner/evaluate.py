@@ -130,6 +130,8 @@ def run_one(cfg: RunConfig, job: Job, show: int = 0) -> int:
         print(f"evaluate: {line}", file=sys.stderr)
     if failures:
         code = 3
+    elif job.gates.describe():
+        print(f"gates passed: {job.gates.describe()}")
     errors = perf["accuracy"]["errors"]
     if errors > job.max_errors:
         print(f"evaluate: {errors} images were not scored (see {out / 'errors.csv'}); "

@@ -41,6 +41,8 @@ def test_job_rejects_unknown_keys_and_bad_toml(tmp_path):
 def test_gates_name_the_gap():
     gates = Gates(top1=77.53, top5=93.486, tolerance=1.0, min_fps=100)
     assert check_gates(gates, {"top1": 76.6, "top5": 93.0}, 120) == []
+    assert gates.describe() == "top1 >= 76.53%, top5 >= 92.486%, card >= 100 img/s"
+    assert Gates().describe() == ""
     failures = check_gates(gates, {"top1": 75.0, "top5": 93.0}, 50)
     assert failures[0] == "top1 gate failed: 75.00% is 2.53 points below 77.53 (tolerance 1.0)"
     assert failures[1].startswith("speed gate failed: card 50.00 img/s is 50.00 below")
