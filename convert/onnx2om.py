@@ -60,8 +60,8 @@ class AtcOptions:
     """Everything in the atc command that does not vary with the batch size."""
 
     soc: str
-    log: str = "error"
-    auto_tune: bool = False
+    log: str = "debug"  # the guide's
+    auto_tune: frozenset[int] = frozenset()  # batch sizes to tune (the guide tunes bs16 only)
     precision: str | None = None  # None: leave ATC's own default (force_fp16)
     insert_op_conf: Path | None = None
 
@@ -104,10 +104,10 @@ def atc_argv(
         "--input_format=NCHW",
         f"--input_shape={inp.name}:{batch_size},3,{inp.height},{inp.width}",
         f"--output={output}",
-        f"--soc_version={opts.soc}",
         f"--log={opts.log}",
+        f"--soc_version={opts.soc}",
     ]
-    if opts.auto_tune:
+    if batch_size in opts.auto_tune:
         argv.append("--auto_tune_mode=RL,GA")
     if opts.precision is not None:
         argv.append(f"--precision_mode={opts.precision}")
@@ -150,8 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument(
         "--auto-tune",
-        action="store_true",
-        help='add --auto_tune_mode="RL,GA" (CANN <= 6.0.0 only; slow)',
+        nargs="?",
+        const="all",
+        metavar="LIST",
+        help='add --auto_tune_mode="RL,GA" for these batch sizes, or all without a list '
+        "(the guide tunes 16 only; CANN <= 6.0.0; slow)",
     )
     p.add_argument(
         "--precision",
@@ -164,8 +167,25 @@ def _parser() -> argparse.ArgumentParser:
         help="normalise on the chip (static AIPP): the model takes uint8 NHWC RGB",
     )
     p.add_argument("--dry-run", action="store_true", help="print the atc commands only")
-    p.add_argument("--log", default="error", choices=ATC_LOG_LEVELS, help="ATC --log level")
+    p.add_argument("--log", default="debug", choices=ATC_LOG_LEVELS,
+                   help="ATC --log level (default debug, as in the guide)")
     return p
+
+
+def _tuned_sizes(auto_tune: str | None, batch_sizes: list[int]) -> frozenset[int]:
+    """The batch sizes ``--auto-tune`` names (all of them for a bare ``--auto-tune``)."""
+    if auto_tune is None:
+        return frozenset()
+    if auto_tune == "all":
+        return frozenset(batch_sizes)
+    try:
+        tuned = frozenset(_batch_sizes(auto_tune))
+    except argparse.ArgumentTypeError as exc:
+        raise ConvertError(f"--auto-tune: {exc}") from None
+    if not tuned <= set(batch_sizes):
+        raise ConvertError(f"--auto-tune {auto_tune}: not among --batch-sizes "
+                           f"{','.join(map(str, batch_sizes))}")
+    return tuned
 
 
 def _input_spec(inp: OnnxInput, aipp: bool) -> dict[str, object]:
@@ -211,13 +231,14 @@ def convert(args: argparse.Namespace) -> None:
             aipp_params(recipe)
         except ValueError as exc:
             raise ConvertError(str(exc)) from None
+    tuned = _tuned_sizes(args.auto_tune, args.batch_sizes)
     if not args.dry_run:
         check_atc()
 
     stem = args.onnx.stem
     out: Path = args.out
     aipp_cfg = out / f"{stem}_aipp.cfg" if args.aipp else None
-    opts = AtcOptions(args.soc, args.log, args.auto_tune, args.precision, aipp_cfg)
+    opts = AtcOptions(args.soc, args.log, tuned, args.precision, aipp_cfg)
     commands = {
         bs: atc_argv(args.onnx, inp, bs, out / f"{stem}_bs{bs}", opts) for bs in args.batch_sizes
     }
@@ -228,10 +249,13 @@ def convert(args: argparse.Namespace) -> None:
         return
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # rewritten only once every .om is there
     if aipp_cfg is not None:
         write_aipp_config(recipe, (inp.height, inp.width), aipp_cfg)
     models = {}
     for bs, argv in commands.items():
+        om = out / f"{stem}_bs{bs}.om"
+        om.unlink(missing_ok=True)  # so that an earlier run's .om cannot pass for this one's
         print(shlex.join(argv), flush=True)
         try:
             rc = subprocess.run(argv, check=False).returncode
@@ -241,7 +265,6 @@ def convert(args: argparse.Namespace) -> None:
             raise ConvertError(
                 f"atc failed for batch size {bs} (exit code {rc}); see its log above"
             )
-        om = out / f"{stem}_bs{bs}.om"
         if not om.is_file():
             raise ConvertError(f"atc exited 0 for batch size {bs} but wrote no {om}")
         models[str(bs)] = om.name

@@ -113,8 +113,8 @@ def test_two_batch_sizes_run_the_guides_atc_commands(model: Path, tmp_path: Path
             "--input_format=NCHW",
             f"--input_shape=image:{bs},3,300,300",
             f"--output={out / f'tiny_bs{bs}'}",
+            "--log=debug",
             "--soc_version=Ascend310",
-            "--log=error",
         ]
         # Printed before it ran, as one shell-pasteable line.
         assert shlex.join(["atc", *argv[1:]]) in proc.stdout.splitlines()
@@ -141,18 +141,37 @@ def test_two_batch_sizes_run_the_guides_atc_commands(model: Path, tmp_path: Path
 
 
 def test_auto_tune_precision_and_log_flags(model: Path, tmp_path: Path) -> None:
-    args = [str(model), "--batch-sizes", "16", "--out", str(tmp_path / "om"), "--auto-tune"]
-    args += ["--precision", "allow_fp32_to_fp16", "--log", "debug"]
+    args = [str(model), "--batch-sizes", "1,16", "--out", str(tmp_path / "om"), "--auto-tune"]
+    args += ["--precision", "allow_fp32_to_fp16", "--log", "error"]
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    (argv,) = atc_calls(tmp_path)
-    assert argv[-3:] == [
-        "--log=debug",
-        "--auto_tune_mode=RL,GA",
-        "--precision_mode=allow_fp32_to_fp16",
-    ]
+    for argv in atc_calls(tmp_path):  # a bare --auto-tune tunes every batch size
+        assert argv[-4:] == [
+            "--log=error",
+            "--soc_version=Ascend310",
+            "--auto_tune_mode=RL,GA",
+            "--precision_mode=allow_fp32_to_fp16",
+        ]
     manifest = json.loads((tmp_path / "om" / "manifest.json").read_text())
     assert manifest["precision"] == "allow_fp32_to_fp16"
+
+
+def test_guide_command_line_for_bs16_only_tuned(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    args = [str(model), "--batch-sizes", "1,16", "--out", str(out), "--auto-tune", "16"]
+    proc = run_cli(args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bs1, bs16 = atc_calls(tmp_path)
+    assert not any(a.startswith("--auto_tune_mode") for a in bs1)
+    # The guide's line (REFERENCE.md section 2), flag for flag, with our paths.
+    guide = ('atc --framework=5 --model=M --input_format=NCHW --input_shape="image:16,3,300,300" '
+             '--output=O --log=debug --soc_version=Ascend310 --auto_tune_mode="RL,GA"')
+    expected = shlex.split(guide.replace("=M ", f"={model} ").replace("=O ", f"={out}/tiny_bs16 "))
+    assert ["atc", *bs16[1:]] == expected
+
+    bad = run_cli([*args[:-1], "8"], tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "onnx2om: error: --auto-tune 8: not among --batch-sizes 1,16"
 
 
 def test_aipp_flag_writes_config_and_uint8_manifest(model: Path, tmp_path: Path) -> None:
@@ -263,6 +282,18 @@ def test_missing_om_after_atc_success_is_an_error(model: Path, tmp_path: Path) -
     assert proc.stderr.strip().splitlines()[-1] == (
         f"onnx2om: error: atc exited 0 for batch size 1 but wrote no {out / 'tiny_bs1.om'}"
     )
+    assert not (out / "manifest.json").exists()
+
+
+def test_om_left_by_an_earlier_run_does_not_pass_for_this_one(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    args = [str(model), "--batch-sizes", "1", "--out", str(out)]
+    assert run_cli(args, tmp_path).returncode == 0
+    assert (out / "tiny_bs1.om").is_file()
+    proc = run_cli(args, tmp_path, FAKE_ATC_SKIP_OM="1")
+    assert proc.returncode == 2
+    assert "wrote no" in proc.stderr
+    assert not (out / "tiny_bs1.om").exists()
     assert not (out / "manifest.json").exists()
 
 
