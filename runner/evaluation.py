@@ -23,7 +23,7 @@ from .config import ConfigError, RunConfig
 from .dataset import Dataset, ImageIssue, load_dataset
 from .devices import DeviceRef, NodeInfo, cluster_nodes, parse_devices, place_devices
 from .errors import one_line
-from .journal import Journal
+from .journal import Journal, JournalError
 from .metrics import TOPK, Accuracy, hit_ranks
 from .modelfile import describe_model
 from .pipeline import (
@@ -332,6 +332,7 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
         "images": dataset.fingerprint(),
         "count": n,
         "backend": "emulated" if cfg.backend == "emulated" else "real",
+        "save_logits": cfg.keep_logits,  # a resume cannot fill in logits it never kept
     }
     done = np.zeros(n, dtype=bool)
     journal = Journal(out / "journal.jsonl", header, cfg.resume)
@@ -352,6 +353,9 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
         logits_mm = None
         if cfg.keep_logits:
             path = out / "logits.npy"
+            if resumed and not path.exists():
+                raise JournalError(f"--resume: {path} is missing; the finished images' logits "
+                                   "are lost (rerun with --overwrite)")
             logits_mm = np.lib.format.open_memmap(
                 path, mode="r+" if cfg.resume and path.exists() else "w+", dtype=np.float32,
                 shape=(n, s.num_classes))

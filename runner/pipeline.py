@@ -311,6 +311,7 @@ class DeviceState:
     info: dict[str, Any]
     node: str = ""  # name of the node it runs on: it takes that node's batches first
     in_flight: int = 0
+    last_reply: float = 0.0  # time.time() of its latest reply: its next call starts no earlier
     failures: int = 0
     failed_at: float | None = None
     failure: str = ""
@@ -394,20 +395,28 @@ def drive(
         else:
             queues[work.batch.node].appendleft(work)
 
+    def kill_hung(replied: list) -> None:
+        # A device runs its calls in order, so its oldest call started at its last reply
+        # (or at submission): checked on every turn, so that busy peers cannot hide a hang.
+        now = time.time()
+        for ref, (work, dev, since) in list(pending.items()):
+            if ref in replied or not dev.alive:
+                continue
+            if now - max(since, dev.last_reply) > batch_timeout_s:
+                drop(dev, f"batch {work.batch.id} ran over {batch_timeout_s:g} s: hung")
+                ray.kill(dev.actor)  # its pending calls now fail and are re-queued
+
     for dev in devices:
         fill(dev)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=min(5.0, batch_timeout_s))
+        kill_hung(done)
         if not done:
-            now = time.time()
-            for work, dev, since in list(pending.values()):
-                if now - since > batch_timeout_s and dev.alive:
-                    drop(dev, f"batch {work.batch.id} ran over {batch_timeout_s:g} s: hung")
-                    ray.kill(dev.actor)  # its pending calls now fail and are re-queued
             continue
         ref = done[0]
         work, dev, _ = pending.pop(ref)
         dev.in_flight -= 1
+        dev.last_reply = time.time()
         try:
             result = ray.get(ref)
         except RayError as exc:

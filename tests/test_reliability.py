@@ -55,6 +55,24 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     assert perf["accuracy"]["not_scored"] == 0
 
 
+def test_a_hung_chip_is_killed_while_its_peers_are_still_busy(ray_session, images64, tmp_path):
+    folder, labels = images64
+    out = tmp_path / "run"
+    # Chip 2 never returns its 3rd batch (t ~ 0.6 s); its peers need ~3.5 s for the rest.
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
+                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=300.0,
+                    batch_timeout_s=1.0,
+                    backend_extra={"2": {"fault": {"after": 4, "mode": "hang"}}})
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, out)
+    assert journal_indices(out) == list(range(64))
+    assert np.array_equal(result.top, expected_top(folder, result.names))
+    hung = {d["id"]: d for d in perf["devices"]}["2"]
+    assert "hung" in hung["failure"] and hung["images"] == 4
+    # Noticed about 1 s after the hang, not only once every other chip had gone quiet.
+    assert hung["failed_at_s"] < 3.0 < perf["card"]["wall_s"]
+
+
 def test_a_killed_device_actor_mid_run(ray_session, images64, tmp_path):
     folder, labels = images64
     out = tmp_path / "run"
@@ -114,6 +132,9 @@ def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
     refused = subprocess.run(evaluate_cmd(folder, labels, out), env=env, capture_output=True,
                              text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    no_logits = subprocess.run(evaluate_cmd(folder, labels, out, "--resume", "--save-logits"),
+                               env=env, capture_output=True, text=True)
+    assert no_logits.returncode == 2 and "(save_logits changed)" in no_logits.stderr
     resumed = subprocess.run(evaluate_cmd(folder, labels, out, "--resume"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -129,6 +150,7 @@ def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
                            env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "nothing left to run" in again.stdout
+    assert "speed gate not checked" in again.stdout and "gates passed" not in again.stdout
     assert (out / "perf.json").read_bytes() == before
     assert (out / "result.json").read_text() == (tmp_path / "whole" / "result.json").read_text()
 

@@ -55,8 +55,9 @@ class EmulatedBackend:
         self.num_classes = NUM_CLASSES
         self.device_id = device_id
         self._fixed_ms = options.emulated_latency_ms
-        # Test-only fault hook (no CLI flag): {"after": n, "mode": "raise" | "exit"} makes this
-        # chip fail on its (n+1)-th batch, by raising or by killing its actor process.
+        # Test-only fault hook (no CLI flag): {"after": n, "mode": "raise" | "exit" | "hang"}
+        # makes this chip fail on its (n+1)-th batch: it raises, kills its actor process, or
+        # never returns.
         self._fault = options.extra.get("fault")
         self._batches = 0
 
@@ -68,6 +69,8 @@ class EmulatedBackend:
         if self._fault and self._batches >= self._fault["after"]:
             if self._fault["mode"] == "exit":
                 os._exit(1)
+            if self._fault["mode"] == "hang":
+                time.sleep(24 * 3600)
             raise BackendError(f"emulated chip {self.device_id}: injected fault")
         self._batches += 1
         t0 = time.perf_counter()
