@@ -44,12 +44,14 @@ class Dataset:
         return str(self.root / self.names[index])
 
     def fingerprint(self) -> str:
-        """Identity of the file list (names and sizes), for caches and resume checks."""
+        """Identity of the file list (names, sizes, modification times), for caches and resume
+        checks: an image rewritten in place, even at the same size, changes it."""
         h = hashlib.sha256(str(self.root.resolve()).encode())
         for name in self.names:
             h.update(name.encode() + b"\0")
             try:
-                h.update(str((self.root / name).stat().st_size).encode() + b"\0")
+                st = (self.root / name).stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode() + b"\0")
             except OSError:
                 h.update(b"?\0")
         return h.hexdigest()[:16]

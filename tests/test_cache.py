@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing
+import os
 import pickle
 
 import numpy as np
@@ -142,8 +143,14 @@ def test_recipe_and_file_list_change_the_key(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "c.JPEG")
     assert cache_key(HUAWEI, 2, load_dataset(folder, None, limit=2).fingerprint()) == key
     assert cache_key(HUAWEI, 3, load_dataset(folder, None).fingerprint()) != key
+    a = folder / "a.JPEG"
+    a.write_bytes(a.read_bytes()[::-1])  # rewritten in place at the same size
+    os.utime(a, ns=(10**9, 10**9))  # with a modification time surely its own
+    rewritten = cache_key(HUAWEI, 2, load_dataset(folder, None, limit=2).fingerprint())
+    assert rewritten != key
     (folder / "b.JPEG").write_bytes((folder / "b.JPEG").read_bytes() + b"\0")  # new size
-    assert cache_key(HUAWEI, 2, load_dataset(folder, None, limit=2).fingerprint()) != key
+    os.utime(folder / "b.JPEG", ns=(0, 0))
+    assert cache_key(HUAWEI, 2, load_dataset(folder, None, limit=2).fingerprint()) != rewritten
 
 
 def test_writer_rejects_what_does_not_fit(tmp_path):
