@@ -3,7 +3,8 @@
 One cache holds the recipe's crops (its wire dtype, ``[N, crop, crop, 3]``) for one image list
 in a single raw file under ``DIR/<key>/``, read through a read-only ``np.memmap``.  The key
 hashes everything that determines the bytes: the recipe's fields, the dataset fingerprint
-(root, names, sizes, modification times), the image count, the decoder library versions and the cache format.
+(root, names, sizes, modification times), the image count, the decoder library versions and
+the cache format.
 So a different recipe or file list lives under a different key; nothing is ever overwritten
 by a run that would produce other bytes.
 

@@ -82,6 +82,7 @@ class RunResult:
     resumed_images: int = 0  # finished in an earlier session of this run (--resume)
     cache: str = "off"  # off | hit | built | partial
     workers: int = 0  # preprocessing actors
+    teardown: list[str] = field(default_factory=list)  # devices whose runtime closed badly
 
     @property
     def scored(self) -> np.ndarray:
@@ -211,7 +212,8 @@ def start_devices(
         for state in states:
             _await(state, state.actor.warm_up.remote(cfg.batch_size), "failed to warm up")
     except BaseException:
-        close_devices(states)
+        for line in close_devices(states):
+            log.warning("%s", line)
         raise
     return states
 
@@ -228,14 +230,24 @@ def _await(state: DeviceState, ref: Any, what: str) -> Any:
         raise ConfigError(f"device {state.ref}: {one_line(exc)}") from None
 
 
-def close_devices(states: list[DeviceState]) -> None:
-    """Let each runtime tear down (ACL frees device memory, resets the chip), then kill."""
-    closing = [s.actor.close.remote() for s in states if s.alive]
+def close_devices(states: list[DeviceState]) -> list[str]:
+    """Let each runtime tear down (ACL frees device memory, resets the chip), then kill.
+
+    Returns one line per device whose teardown failed or did not finish in 30 s."""
+    closing = {s.actor.close.remote(): s for s in states if s.alive}
+    problems = []
     try:
-        ray.wait(closing, num_returns=len(closing), timeout=30)
+        done, late = ray.wait(list(closing), num_returns=len(closing), timeout=30)
+        problems += [f"device {closing[ref].ref}: teardown did not finish in 30 s" for ref in late]
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayError as exc:
+                problems.append(f"device {closing[ref].ref}: teardown failed: {one_line(exc)}")
     finally:
         for s in states:
             ray.kill(s.actor)
+    return problems
 
 
 # --------------------------------------------------------------------------- the run
@@ -284,11 +296,16 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
         session = Session(cfg, recipe, meta, model_sha, devices, [n for _, n in placed],
                           devices[0].info["num_classes"])
         if cfg.pure_infer:
-            return _run_pure_infer(session)
-        assert dataset is not None
-        return _run_dataset(session, dataset, out)
-    finally:
-        close_devices(devices)
+            result = _run_pure_infer(session)
+        else:
+            assert dataset is not None
+            result = _run_dataset(session, dataset, out)
+    except BaseException:
+        for line in close_devices(devices):
+            log.warning("%s", line)
+        raise
+    result.teardown = close_devices(devices)
+    return result
 
 
 def _stat(r: dict[str, Any]) -> BatchStat:

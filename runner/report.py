@@ -345,6 +345,8 @@ def write_outputs(result: RunResult, out: Path, synsets: str | None = None) -> d
     if result.resumed_images:
         perf["notes"] = [f"resumed: {result.resumed_images} images were finished in an earlier "
                          "session; the speed figures cover this session only"]
+    if result.teardown:
+        perf.setdefault("notes", []).extend(result.teardown)
     if acc is not None:
         (out / "result.json").write_text(acc.to_guide_json())
         with open(out / "per_class.csv", "w", newline="") as f:

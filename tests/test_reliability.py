@@ -73,6 +73,19 @@ def test_a_hung_chip_is_killed_while_its_peers_are_still_busy(ray_session, image
     assert hung["failed_at_s"] < 3.0 < perf["card"]["wall_s"]
 
 
+def test_a_failed_teardown_is_reported_not_lost(ray_session, images64, tmp_path):
+    folder, labels = images64
+    out = tmp_path / "run"
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-1",
+                    batch_size=8, out=str(out), progress=False, emulated_latency_ms=1.0,
+                    backend_extra={"1": {"fault": {"mode": "close"}}})
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, out)
+    assert perf["accuracy"]["not_scored"] == 0
+    (line,) = perf["notes"]
+    assert line.startswith("device 1: teardown failed: ") and "injected teardown fault" in line
+
+
 def test_a_killed_device_actor_mid_run(ray_session, images64, tmp_path):
     folder, labels = images64
     out = tmp_path / "run"

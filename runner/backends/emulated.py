@@ -57,7 +57,7 @@ class EmulatedBackend:
         self._fixed_ms = options.emulated_latency_ms
         # Test-only fault hook (no CLI flag): {"after": n, "mode": "raise" | "exit" | "hang"}
         # makes this chip fail on its (n+1)-th batch: it raises, kills its actor process, or
-        # never returns.
+        # never returns; {"mode": "close"} makes its teardown raise.
         self._fault = options.extra.get("fault")
         self._batches = 0
 
@@ -66,7 +66,7 @@ class EmulatedBackend:
         return ms / 1000.0
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
-        if self._fault and self._batches >= self._fault["after"]:
+        if self._fault and self._fault["mode"] != "close" and self._batches >= self._fault["after"]:
             if self._fault["mode"] == "exit":
                 os._exit(1)
             if self._fault["mode"] == "hang":
@@ -82,4 +82,5 @@ class EmulatedBackend:
         return logits, time.perf_counter() - t0
 
     def close(self) -> None:
-        pass
+        if self._fault and self._fault["mode"] == "close":
+            raise BackendError(f"emulated chip {self.device_id}: injected teardown fault")
