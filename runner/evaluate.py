@@ -23,6 +23,7 @@ from .metrics import LabelError
 from .report import format_examples, format_table, write_outputs
 
 DEMO_IMAGES = 2000
+DEMO_OUT = "runs/demo"
 CONFIG_ERRORS = (ConfigError, DeviceSpecError, DatasetError, LabelError, JournalError,
                  BackendError)
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder of validation images")
     p.add_argument("--labels", help="val_label.txt: '<image> <class index>' per line")
     p.add_argument("--batch-size", type=int, help="default 16, or the job's batch_sizes")
-    p.add_argument("--out", help="run folder (default runs/latest)")
+    p.add_argument("--out", help="run folder (default runs/latest; --demo: runs/demo, replaced)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "acl", "emulated"],
                    help="default onnxruntime")
     p.add_argument("--provider", choices=["cpu", "cuda", "cann"],
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         job.settings.update(images=str(images), labels=str(labels), model=str(model),
                             limit=count)
+        if "out" not in job.settings:  # the demo's own folder, replaced by every demo run
+            job.settings.update(out=DEMO_OUT, overwrite=not job.settings.get("resume"))
         print("demo: the weights are UNTRAINED (random init): accuracy is chance level; "
               "only the throughput figures mean anything.", flush=True)
     code = 0

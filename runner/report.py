@@ -211,10 +211,10 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
         f"      guide-style one-chip x {card['devices']}: {card['extrapolated_fps']:.2f} img/s;"
         f" efficiency (measured / sum of compute-only): {card['efficiency']:.1%}",
     ]
-    if len(perf["hosts"]) > 1:
-        for h in perf["hosts"]:
-            lines.append(f"host {h['name']}: {len(h['devices'])} devices, {h['images']} images, "
-                         f"measured {h['measured_fps']:.2f} img/s")
+    for kind, groups in (("host", perf["hosts"]), ("card", perf["cards"])):
+        if len(groups) > 1:
+            lines += [f"{kind} {g['name']}: {len(g['devices'])} devices, {g['images']} images, "
+                      f"measured {g['measured_fps']:.2f} img/s" for g in groups]
     stages = perf["stages"]
     caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
     lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")

@@ -11,9 +11,10 @@ from conftest import tiny_classifier
 
 from runner.backends.emulated import batch_latency_ms, emulated_logits
 from runner.config import ConfigError, RunConfig
+from runner.devices import NodeInfo
 from runner.evaluation import run_evaluation
 from runner.metrics import topk_indices
-from runner.pipeline import plan_batches
+from runner.pipeline import plan_batches, plan_shards
 from runner.preprocess import get_recipe, load_crop, to_tensor
 from runner.report import write_outputs
 from runner.score import score_outputs
@@ -24,6 +25,27 @@ def test_plan_batches_interleaves_shards_and_covers_everything():
     assert [(b.shard, b.start, b.stop) for b in batches] == [
         (0, 0, 2), (1, 0, 2), (0, 2, 4), (1, 2, 3), (0, 4, 5)]
     assert [b.id for b in batches] == list(range(5))
+
+
+def test_plan_shards_keeps_each_hosts_images_on_that_host():
+    host1 = NodeInfo("id1", "host1", "h1", "10.0.0.1", cpus=4, devices=3)
+    host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=2, devices=1)
+    todo = [(i, f"img{i}.jpg") for i in range(100)]
+    planned = plan_shards(todo, [host1, host1, host1, host2], batch_size=4, workers=None)
+    by_node = {}
+    for node, shard, cpus in planned:
+        by_node.setdefault(node.name, []).append(shard)
+        assert 0 < cpus <= 1
+    # 3 of 4 devices on host1: 3/4 of the images, cut at a whole batch (19 x 4 = 76).
+    assert sum(map(len, by_node["host1"])) == 76 and sum(map(len, by_node["host2"])) == 24
+    assert len(by_node["host1"]) == 4 and len(by_node["host2"]) == 2  # one actor per core
+    assert [item for _, shard, _ in planned for item in shard] == todo  # each image once
+    assert all(len(shard) % 4 == 0 for shards in by_node.values() for shard in shards[:-1])
+
+    sizes = [len(shard) for _, shard, _ in planned]
+    batches = plan_batches(sizes, 4, [node.name for node, _, _ in planned])
+    assert sum(b.stop - b.start for b in batches if b.node == "host1") == 76
+    assert plan_shards(todo, [host1], 4, workers=1, cpu_inference=True)[0][2] == 1.0
 
 
 def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model, images64,
