@@ -61,6 +61,7 @@ class BatchStat:
     convert_s: float
     decode_s: float
     handoff_s: float  # payload ready in the preprocessor -> device method starts (transfer+queue)
+    stall_s: float  # of that, time the device sat idle with the batch ready (exposed transfer)
     post_s: float = 0.0  # driver: scoring bookkeeping, journal, logits for this batch
 
 
@@ -310,7 +311,7 @@ def run_evaluation(cfg: RunConfig) -> RunResult:
 
 def _stat(r: dict[str, Any]) -> BatchStat:
     return BatchStat(r["device"], r["n"], r["run_start"], r["run_end"], r["infer_s"],
-                     r["convert_s"], r["decode_s"], r["handoff_s"])
+                     r["convert_s"], r["decode_s"], r["handoff_s"], r["stall_s"])
 
 
 def _run_pure_infer(s: Session) -> RunResult:

@@ -153,6 +153,7 @@ class DeviceWorker:
         self.keep_logits = keep_logits
         self.backend = open_backend(backend, model, device_id, options)
         self.lock = threading.Lock()
+        self.last_run_end = 0.0  # when the runtime last went idle
         self.info = {
             "device": device,
             "device_id": device_id,
@@ -191,6 +192,10 @@ class DeviceWorker:
 
     def infer(self, payload: dict[str, Any], batch_id: int) -> dict[str, Any]:
         start = time.time()
+        ready = payload.get("ready_at", start)
+        # The device sat idle although this batch was already decoded: transfer and dispatch
+        # that the previous call's compute did not hide.
+        stall_s = max(0.0, start - max(ready, self.last_run_end))
         pixels = payload["pixels"]
         n = len(pixels)
         convert_s = infer_s = 0.0
@@ -206,7 +211,7 @@ class DeviceWorker:
             with self.lock:
                 run_start = time.time()
                 logits, infer_s = self.backend.run(x)
-                run_end = time.time()
+                run_end = self.last_run_end = time.time()
         return {
             "batch": batch_id,
             "device": self.device,
@@ -215,7 +220,8 @@ class DeviceWorker:
             "logits": logits if self.keep_logits else None,
             "errors": payload.get("errors", []),
             "decode_s": payload.get("decode_s", 0.0),
-            "handoff_s": max(0.0, start - payload.get("ready_at", start)),
+            "handoff_s": max(0.0, start - ready),
+            "stall_s": stall_s,
             "convert_s": convert_s,
             "infer_s": infer_s,
             "run_start": run_start,

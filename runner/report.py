@@ -119,9 +119,11 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
     """Capacity of each stage in img/s (its work rate x its parallelism) and the bound one.
 
     decode = read + decode + resize + crop in the preprocessing actors; preprocess = the
-    float conversion in the device actors; handoff = median ms from a batch being ready in
-    its preprocessor to its device call starting (object transfer + queueing); infer = the
-    sum of compute-only rates; post = the driver's per-batch bookkeeping.
+    float conversion in the device actors; transfer = the time devices sat idle although
+    their next batch was already decoded (object transfer and dispatch not hidden behind the
+    previous batch's compute); infer = the sum of compute-only rates; post = the driver's
+    per-batch bookkeeping.  handoff = median ms from a batch being ready in its preprocessor
+    to its device call starting (transfer + queueing, hidden or not).
     """
     stats = [s for s in result.stats if s.n]
     images = sum(s.n for s in stats)
@@ -133,6 +135,7 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
     rates = {
         "decode": capacity(sum(s.decode_s for s in stats), max(1, result.workers)),
         "preprocess": capacity(sum(s.convert_s for s in stats), ndev),
+        "transfer": capacity(sum(s.stall_s for s in stats), ndev),
         "infer": card["sum_compute_fps"] or None,
         "post": capacity(sum(s.post_s for s in stats), 1),
     }

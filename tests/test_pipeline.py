@@ -70,6 +70,17 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
         "[e2e]", "[data read]", "[preprocess]", "[infer]", "[post]"]
     assert f"Interface throughputRate: {perf['devices'][1]['compute_fps']:.6g}" in five[3]
 
+    stages = perf["stages"]
+    capacity = stages["capacity_fps"]
+    assert capacity["infer"] == perf["card"]["sum_compute_fps"]
+    decode_s = sum(s.decode_s for s in result.stats)
+    assert capacity["decode"] == pytest.approx(64 / decode_s * result.workers, rel=1e-3)
+    stall_s = sum(s.stall_s for s in result.stats)
+    assert all(0 <= s.stall_s <= s.handoff_s for s in result.stats)
+    assert capacity["transfer"] == (pytest.approx(64 / stall_s * 2, rel=1e-3) if stall_s else None)
+    known = {k: v for k, v in capacity.items() if v}
+    assert stages["bound_by"] == min(known, key=known.get)
+
     # runner.score on guide-style text outputs of the same logits reproduces result.json.
     dump = tmp_path / "dumpOutput_device0"
     dump.mkdir()
