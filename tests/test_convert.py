@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,21 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model_state": {"a": 1}}, tmp_path / "odd.pyth")
     with pytest.raises(CheckpointError, match="no model state"):
         load_pycls_state(tmp_path / "odd.pyth")
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["CARDRUNNER_PWNED"]),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("CARDRUNNER_PWNED", str(marker))
+    torch.save({"model_state": {"w": torch.zeros(1)}, "x": _RunsCodeWhenUnpickled()},
+               tmp_path / "evil.pyth")
+    with pytest.raises(CheckpointError, match="safe weights-only loading refused it"):
+        load_pycls_state(tmp_path / "evil.pyth")
+    assert not marker.exists()
 
 
 def test_strict_load_names_the_mismatch():

@@ -80,3 +80,5 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
     nodes = ray_session.nodes()
     assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
     assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    # No dashboard unless --dashboard: Ray reports no web UI.
+    assert ray_session._private.worker.global_worker.node.address_info["webui_url"] == ""
