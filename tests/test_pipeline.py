@@ -1,5 +1,6 @@
 """End-to-end runs through Ray: every image scored exactly once, figures consistent."""
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -10,13 +11,14 @@ import pytest
 from conftest import tiny_classifier
 
 from runner.backends.emulated import batch_latency_ms, emulated_logits
+from runner.classes import class_table, short_name
 from runner.config import ConfigError, RunConfig
 from runner.devices import NodeInfo
 from runner.evaluation import run_evaluation
 from runner.metrics import topk_indices
 from runner.pipeline import plan_batches, plan_shards
 from runner.preprocess import get_recipe, load_crop, to_tensor
-from runner.report import write_outputs
+from runner.report import format_examples, write_outputs
 from runner.score import score_outputs
 
 
@@ -69,6 +71,15 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
     assert [line.split("]")[0] + "]" for line in five] == [
         "[e2e]", "[data read]", "[preprocess]", "[infer]", "[post]"]
     assert f"Interface throughputRate: {perf['devices'][1]['compute_fps']:.6g}" in five[3]
+
+    with open(tmp_path / "run" / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    table = class_table()
+    assert sum(int(r["images"]) for r in rows) == 64
+    assert [(r["wnid"], r["name"]) for r in rows] == [table[int(r["class"])] for r in rows]
+    first = format_examples(result, 1).split("  ")
+    assert first[0] == result.names[result.scored[0]]
+    assert first[2] == "top-5: " + ", ".join(short_name(int(c)) for c in result.top[result.scored[0]])
 
     stages = perf["stages"]
     capacity = stages["capacity_fps"]
