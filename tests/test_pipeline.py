@@ -79,7 +79,8 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
     assert [(r["wnid"], r["name"]) for r in rows] == [table[int(r["class"])] for r in rows]
     first = format_examples(result, 1).split("  ")
     assert first[0] == result.names[result.scored[0]]
-    assert first[2] == "top-5: " + ", ".join(short_name(int(c)) for c in result.top[result.scored[0]])
+    top = result.top[result.scored[0]]
+    assert first[2] == "top-5: " + ", ".join(short_name(int(c)) for c in top)
 
     stages = perf["stages"]
     capacity = stages["capacity_fps"]
