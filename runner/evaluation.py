@@ -23,7 +23,7 @@ from .config import ConfigError, RunConfig
 from .dataset import Dataset, ImageIssue, load_dataset
 from .devices import DeviceRef, NodeInfo, cluster_nodes, parse_devices, place_devices
 from .errors import one_line
-from .journal import Journal, JournalError
+from .journal import Journal, JournalError, LogitsFile
 from .metrics import TOPK, Accuracy, hit_ranks
 from .modelfile import describe_model
 from .pipeline import (
@@ -355,6 +355,7 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
     done = np.zeros(n, dtype=bool)
     journal = Journal(out / "journal.jsonl", header, cfg.resume)
     started = False
+    logits_file = None
     try:
         for rec in journal.records:
             idx = np.asarray(rec["indices"], dtype=np.int64)
@@ -368,15 +369,12 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
         todo = [(int(i), dataset.path(int(i))) for i in np.flatnonzero(~done)]
         cache = open_cache(cfg.cache, s.recipe, n, header["images"], resumed) if (
             cfg.cache and todo) else None
-        logits_mm = None
         if cfg.keep_logits:
             path = out / "logits.npy"
             if resumed and not path.exists():
                 raise JournalError(f"--resume: {path} is missing; the finished images' logits "
                                    "are lost (rerun with --overwrite)")
-            logits_mm = np.lib.format.open_memmap(
-                path, mode="r+" if cfg.resume and path.exists() else "w+", dtype=np.float32,
-                shape=(n, s.num_classes))
+            logits_file = LogitsFile(path, n, s.num_classes, cfg.resume)
         stats: list[BatchStat] = []
         labels = None if dataset.labels is None else np.asarray(dataset.labels, np.int64)
         if not todo:  # --resume of a finished run: nothing to time
@@ -402,8 +400,8 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
             idx = r["indices"]
             if len(idx):
                 top[idx] = r["top"]
-                if logits_mm is not None:
-                    logits_mm[idx] = r["logits"]
+                if logits_file is not None:
+                    logits_file.write(idx, r["logits"])
             for i, reason in r["errors"]:
                 issues.append(ImageIssue(dataset.names[i], reason, int(i)))
             journal.append({"batch": r["batch"], "device": r["device"],
@@ -435,8 +433,6 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
             )
         finally:
             bar.close()
-            if logits_mm is not None:
-                logits_mm.flush()
             for p in preps:
                 ray.kill(p)
             if cache is not None:
@@ -449,6 +445,8 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
         raise
     finally:
         journal.close()
+        if logits_file is not None:
+            logits_file.close()
     return s.result(outcome, stats, num_images=n, names=dataset.names, labels=labels, top=top,
                     issues=issues, resumed_images=resumed, cache=cache_state,
                     workers=len(preps))

@@ -1,15 +1,19 @@
-"""Append-only JSON-lines journal of finished batches: what makes ``--resume`` possible.
+"""What a run keeps on disk as it goes: the journal of finished batches and the logits.
 
-The first line identifies the run (model, recipe, image list, backend); every later line
-is one finished batch.  A driver killed mid-write leaves a torn last line: it is cut off
-when the journal is reopened, so the batch it described is simply run again.
+Journal: append-only JSON lines.  The first line identifies the run (model, recipe, image
+list, backend); every later line is one finished batch.  A driver killed mid-write leaves a
+torn last line: it is cut off when the journal is reopened, so the batch it described is
+simply run again.  ``--resume`` starts from it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 
 class JournalError(ValueError):
@@ -65,3 +69,31 @@ class Journal:
         self.close()
         if not self.records and not self.appended:
             self.path.unlink(missing_ok=True)
+
+
+class LogitsFile:
+    """``logits.npy`` ([images, classes] float32) filled in row by row as batches finish.
+
+    Rows go in with positional writes, not through a memory map: a map's written pages
+    stay in the driver's resident memory, which would then grow with the run (200 MB for
+    50,000 images).  Rows never written read back as zeros.
+    """
+
+    def __init__(self, path: Path, rows: int, classes: int, resume: bool):
+        if not (resume and path.exists()):
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, classes))
+        existing = np.load(path, mmap_mode="r")
+        if existing.shape != (rows, classes) or existing.dtype != np.float32:
+            raise JournalError(f"--resume: {path} holds {existing.dtype} {existing.shape}, "
+                               f"expected float32 {(rows, classes)}")
+        self._offset, self._row_bytes = existing.offset, classes * 4
+        del existing
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, indices: np.ndarray, logits: np.ndarray) -> None:
+        rows = np.ascontiguousarray(logits, dtype=np.float32)
+        for i, row in zip(indices, rows, strict=True):
+            os.pwrite(self._fd, row.data, self._offset + int(i) * self._row_bytes)
+
+    def close(self) -> None:
+        os.close(self._fd)
