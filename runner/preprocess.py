@@ -242,13 +242,14 @@ def load_crop(path: str | Path, recipe: Recipe) -> np.ndarray:
 
 
 def _lookup_table(recipe: Recipe) -> np.ndarray:
-    """[3, 256] float32: the normalised value of every uint8 level, per RGB channel.
+    """[256, 1, 3] float32 (cv2.LUT's layout): the normalised value of every uint8 level,
+    per RGB channel.
 
     Computed with the reference's own float32 operations, so a gather through this table
     is bit-identical to normalising the pixels one by one.
     """
     levels = np.arange(256, dtype=np.float32)[:, None].repeat(3, axis=1)  # [256, 3]
-    return normalise_float(levels[None], recipe)[0].T.copy()
+    return np.ascontiguousarray(normalise_float(levels[None], recipe)[0][:, None, :])
 
 
 def normalise_float(x: np.ndarray, recipe: Recipe) -> np.ndarray:
@@ -269,12 +270,18 @@ def to_tensor(batch: np.ndarray, recipe: Recipe) -> np.ndarray:
     order = [2, 1, 0] if recipe.channels == "BGR" else [0, 1, 2]
     n, h, w, _ = batch.shape
     out = np.empty((n, 3, h, w), dtype=np.float32)
+    if batch.size == 0:
+        return out
     if batch.dtype == np.uint8:
         lut = _LUTS.get(recipe.name)
         if lut is None:
             lut = _LUTS[recipe.name] = _lookup_table(recipe)
-        for dst, src in enumerate(order):
-            np.take(lut[src], batch[..., src], out=out[:, dst])
+        # A table lookup and a split per image: the same float32 values as a numpy gather
+        # over strided channels, and faster, with temporaries small enough to stay in cache.
+        for i in range(n):
+            planes = cv2.split(cv2.LUT(np.ascontiguousarray(batch[i]), lut))
+            for dst, src in enumerate(order):
+                out[i, dst] = planes[src]
     else:
         normed = normalise_float(batch, recipe)
         for dst, src in enumerate(order):
