@@ -61,7 +61,7 @@ class BatchStat:
     convert_s: float
     decode_s: float
     handoff_s: float  # payload ready in the preprocessor -> device method starts (transfer+queue)
-    stall_s: float  # of that, time the device sat idle with the batch ready (exposed transfer)
+    stall_s: float  # runtime idle although the batch was decoded (exposed transfer)
     post_s: float = 0.0  # driver: scoring bookkeeping, journal, logits for this batch
 
 

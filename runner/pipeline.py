@@ -193,12 +193,9 @@ class DeviceWorker:
     def infer(self, payload: dict[str, Any], batch_id: int) -> dict[str, Any]:
         start = time.time()
         ready = payload.get("ready_at", start)
-        # The device sat idle although this batch was already decoded: transfer and dispatch
-        # that the previous call's compute did not hide.
-        stall_s = max(0.0, start - max(ready, self.last_run_end))
         pixels = payload["pixels"]
         n = len(pixels)
-        convert_s = infer_s = 0.0
+        convert_s = infer_s = stall_s = 0.0
         logits = np.zeros((0, self.backend.num_classes), np.float32)
         run_start = run_end = start
         if n:
@@ -210,6 +207,10 @@ class DeviceWorker:
             convert_s = time.perf_counter() - t0
             with self.lock:
                 run_start = time.time()
+                # The runtime sat idle although this batch was already decoded: transfer and
+                # dispatch that the previous batch's compute did not hide (its conversion is
+                # a stage of its own).
+                stall_s = max(0.0, run_start - max(ready, self.last_run_end) - convert_s)
                 logits, infer_s = self.backend.run(x)
                 run_end = self.last_run_end = time.time()
         return {
