@@ -55,6 +55,8 @@ class LiteVariant:
     width: float
     depth: float
     resolution: int  # the size it was trained and published at
+    recipe: str  # the tf-lite recipe at that size
+
 
     @property
     def arch(self) -> str:
@@ -72,9 +74,9 @@ class LiteVariant:
 VARIANTS: dict[str, LiteVariant] = {
     v.name: v
     for v in (
-        LiteVariant("lite0", 1.0, 1.0, 224),
-        LiteVariant("lite1", 1.0, 1.1, 240),
-        LiteVariant("lite2", 1.1, 1.2, 260),
+        LiteVariant("lite0", 1.0, 1.0, 224, "tf-lite"),
+        LiteVariant("lite1", 1.0, 1.1, 240, "tf-lite-240"),
+        LiteVariant("lite2", 1.1, 1.2, 260, "tf-lite-260"),
     )
 }
 

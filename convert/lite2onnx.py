@@ -21,8 +21,6 @@ from convert.export import (
 from convert.lite import VARIANTS, build_lite, get_variant, load_pretrained
 from runner.preprocess import get_recipe
 
-RECIPE = "tf-lite"
-
 EPILOG = """\
 example:
   lite2onnx --variant lite0 runs/models/efficientnet_lite0.onnx
@@ -55,15 +53,9 @@ def convert(args: argparse.Namespace) -> None:
     out = Path(args.out)
     make_output_dir(out)
     variant = get_variant(args.variant)
-    recipe = get_recipe(RECIPE)
+    recipe = get_recipe(variant.recipe)  # TF's eval preprocessing at the trained size
     model = build_lite(variant, recipe.crop)
     path, version = load_pretrained(model, variant)
-    if variant.resolution != recipe.crop:
-        print(
-            f"note: {variant.arch} was trained at {variant.resolution} px; recipe {recipe.name} "
-            f"feeds {recipe.crop} px",
-            file=sys.stderr,
-        )
     weights = f"{variant.distribution} {version} sha256:{sha256_16(path)}"
     print(f"{variant.arch}: {sum(p.numel() for p in model.parameters()):,} parameters; {weights}")
 

