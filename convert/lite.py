@@ -55,8 +55,7 @@ class LiteVariant:
     width: float
     depth: float
     resolution: int  # the size it was trained and published at
-    recipe: str  # the tf-lite recipe at that size
-
+    recipe: str  # TF's eval preprocessing at that size
 
     @property
     def arch(self) -> str:
