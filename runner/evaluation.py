@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
@@ -243,6 +243,8 @@ def close_devices(states: list[DeviceState]) -> list[str]:
         for ref in done:
             try:
                 ray.get(ref)
+            except RayActorError:
+                pass  # the actor never started or already died: no runtime to tear down
             except RayError as exc:
                 problems.append(f"device {closing[ref].ref}: teardown failed: {one_line(exc)}")
     finally:
@@ -367,14 +369,14 @@ def _run_dataset(s: Session, dataset: Dataset, out: Path) -> RunResult:
                 done[i] = True
         resumed = int(done.sum())
         todo = [(int(i), dataset.path(int(i))) for i in np.flatnonzero(~done)]
-        cache = open_cache(cfg.cache, s.recipe, n, header["images"], resumed) if (
-            cfg.cache and todo) else None
         if cfg.keep_logits:
             path = out / "logits.npy"
             if resumed and not path.exists():
                 raise JournalError(f"--resume: {path} is missing; the finished images' logits "
                                    "are lost (rerun with --overwrite)")
             logits_file = LogitsFile(path, n, s.num_classes, cfg.resume)
+        cache = open_cache(cfg.cache, s.recipe, n, header["images"], resumed) if (
+            cfg.cache and todo) else None
         stats: list[BatchStat] = []
         labels = None if dataset.labels is None else np.asarray(dataset.labels, np.int64)
         if not todo:  # --resume of a finished run: nothing to time

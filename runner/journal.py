@@ -93,7 +93,8 @@ class LogitsFile:
     def write(self, indices: np.ndarray, logits: np.ndarray) -> None:
         rows = np.ascontiguousarray(logits, dtype=np.float32)
         for i, row in zip(indices, rows, strict=True):
-            os.pwrite(self._fd, row.data, self._offset + int(i) * self._row_bytes)
+            if os.pwrite(self._fd, row.data, self._offset + int(i) * self._row_bytes) != row.nbytes:
+                raise OSError(f"short write to logits.npy at row {int(i)} (disk full?)")
 
     def close(self) -> None:
         os.close(self._fd)

@@ -343,6 +343,8 @@ class _Work:
     batch: Batch
     payload: Any = None  # ObjectRef of the preprocessed batch once submitted
     status: Any = None  # ObjectRef of the preprocessor's image count (None: nothing to check)
+    ready_seen: float | None = None  # when the driver first saw the payload made (hang clock)
+    slow_prep_warned: bool = False
     attempts: int = 0
 
 
@@ -403,15 +405,26 @@ def drive(
             queues[work.batch.node].appendleft(work)
 
     def kill_hung(replied: list) -> None:
-        # A device runs its calls in order, so its oldest call started at its last reply
-        # (or at submission): checked on every turn, so that busy peers cannot hide a hang.
+        # Checked on every turn, so that busy peers cannot hide a hang.  A device runs its
+        # calls in order, so its oldest call started no earlier than its last reply, its
+        # submission, and its batch being decoded: a batch still being decoded is the
+        # preprocessing's delay, never held against the device.
         now = time.time()
         for ref, (work, dev, since) in list(pending.items()):
             if ref in replied or not dev.alive:
                 continue
-            if now - max(since, dev.last_reply) > batch_timeout_s:
-                drop(dev, f"batch {work.batch.id} ran over {batch_timeout_s:g} s: hung")
-                ray.kill(dev.actor)  # its pending calls now fail and are re-queued
+            if now - max(since, dev.last_reply, work.ready_seen or 0.0) <= batch_timeout_s:
+                continue
+            if work.ready_seen is None:
+                if ray.wait([work.payload], timeout=0)[0]:
+                    work.ready_seen = now  # its clock starts now: at most one timeout late
+                elif not work.slow_prep_warned:
+                    work.slow_prep_warned = True
+                    log.warning("batch %d: preprocessing has not finished in %g s; waiting",
+                                work.batch.id, batch_timeout_s)
+                continue
+            drop(dev, f"batch {work.batch.id} ran over {batch_timeout_s:g} s: hung")
+            ray.kill(dev.actor)  # its pending calls now fail and are re-queued
 
     for dev in devices:
         fill(dev)
@@ -429,7 +442,7 @@ def drive(
         except RayError as exc:
             reason = one_line(exc)
             if _failed(work.status):
-                work.payload = work.status = None  # preprocessing failed: make it again
+                work.payload = work.status = work.ready_seen = None  # make it again
                 retry(work, f"preprocessing failed: {reason}")
             else:
                 dev.failures += 1

@@ -88,7 +88,8 @@ def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model,
     decode_s = sum(s.decode_s for s in result.stats)
     assert capacity["decode"] == pytest.approx(64 / decode_s * result.workers, rel=1e-3)
     stall_s = sum(s.stall_s for s in result.stats)
-    assert all(0 <= s.stall_s <= s.handoff_s + 0.01 for s in result.stats)  # lock wait aside
+    assert all(s.stall_s >= 0 for s in result.stats)
+    assert stall_s <= 2 * perf["card"]["wall_s"]  # idle time of 2 devices within the run
     assert capacity["transfer"] == (pytest.approx(64 / stall_s * 2, rel=1e-3) if stall_s else None)
     known = {k: v for k, v in capacity.items() if v}
     assert stages["bound_by"] == min(known, key=known.get)
