@@ -235,10 +235,14 @@ def convert_to_fp16(path: Path) -> None:
 
 
 def export_verified(
-    model: nn.Module, out: Path, args: argparse.Namespace, recipe: Recipe,
-    metadata: dict[str, str],
+    model: nn.Module, out: Path, args: argparse.Namespace, recipe: Recipe, arch: str,
+    weights: str,
 ) -> None:
-    """Export, optionally convert to fp16, verify against torch, print; remove on failure."""
+    """Export, optionally convert to fp16, verify against torch, print; remove on failure.
+
+    ``arch`` and ``weights`` (where the weights came from) go into the ONNX metadata."""
+    print(f"{arch}: {sum(p.numel() for p in model.parameters()):,} parameters; {weights}")
+    metadata = {"cardrunner.arch": arch, "cardrunner.weights": weights}
     if args.fp16:
         _float16_converter()  # fail before the export, not after it
     precision = "fp16" if args.fp16 else "fp32"

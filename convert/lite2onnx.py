@@ -57,10 +57,7 @@ def convert(args: argparse.Namespace) -> None:
     model = build_lite(variant, recipe.crop)
     path, version = load_pretrained(model, variant)
     weights = f"{variant.distribution} {version} sha256:{sha256_16(path)}"
-    print(f"{variant.arch}: {sum(p.numel() for p in model.parameters()):,} parameters; {weights}")
-
-    export_verified(model, out, args, recipe,
-                    {"cardrunner.arch": variant.arch, "cardrunner.weights": weights})
+    export_verified(model, out, args, recipe, variant.arch, weights)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,10 +99,7 @@ def convert(args: argparse.Namespace) -> None:
     else:
         load_strict(model, load_pycls_state(ckpt))
         weights = f"checkpoint {ckpt.name} sha256:{sha256_16(ckpt)}"
-    print(f"{spec.arch}: {sum(p.numel() for p in model.parameters()):,} parameters; {weights}")
-
-    export_verified(model, out, args, recipe,
-                    {"cardrunner.arch": spec.arch, "cardrunner.weights": weights})
+    export_verified(model, out, args, recipe, spec.arch, weights)
 
 
 def main(argv: list[str] | None = None) -> int:
