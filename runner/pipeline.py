@@ -364,8 +364,8 @@ def drive(
     preprocessing that failed (which is then not held against the device).  Each node has
     its own queue (the batches its preprocessors own); a device takes from its node's queue
     and, once that is empty, from the fullest other one.  A device call that runs longer
-    than ``batch_timeout_s`` marks its device as hung: the actor is killed and its batches
-    move.
+    than ``batch_timeout_s`` once its batch has been decoded marks its device as hung: the
+    actor is killed and its batches move.
     """
     queues: dict[str, deque[_Work]] = {}
     for b in batches:
@@ -395,12 +395,15 @@ def drive(
             dev.failure = reason
             log.warning("device %s dropped: %s", dev.ref, reason)
 
+    def give_up(work: _Work, reason: str) -> None:
+        given_up.append((work.batch.id, reason))
+        if on_give_up:
+            on_give_up(work.batch, reason)
+
     def retry(work: _Work, reason: str) -> None:
         work.attempts += 1
         if work.attempts >= MAX_BATCH_ATTEMPTS or not any(d.alive for d in devices):
-            given_up.append((work.batch.id, reason))
-            if on_give_up:
-                on_give_up(work.batch, reason)
+            give_up(work, reason)
         else:
             queues[work.batch.node].appendleft(work)
 
@@ -458,10 +461,7 @@ def drive(
     # Batches still queued when every device has died are given up too.
     for queue in queues.values():
         while queue:
-            work = queue.popleft()
-            given_up.append((work.batch.id, "no device left"))
-            if on_give_up:
-                on_give_up(work.batch, "no device left")
+            give_up(queue.popleft(), "no device left")
     return DriveOutcome(time.time() - started, started, given_up)
 
 
