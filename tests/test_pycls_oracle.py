@@ -126,8 +126,17 @@ def test_onnx_matches_pycls_on_real_images(pycls_cfg, tmp_path):
     x = np.stack([reference_tensor(p, recipe) for p in images])
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["class"], {"image": x})[0]
     assert float(want.std()) > 0.05  # a non-degenerate network, or the check proves nothing
+    # The graph itself, run node by node as written: equal to pycls within fp32 rounding.
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    graph = ort.InferenceSession(str(out), exact, providers=["CPUExecutionProvider"])
+    got = graph.run(["class"], {"image": x})[0]
     assert np.max(np.abs(got - want)) < 1e-4
-    assert (got.argmax(1) == want.argmax(1)).all()
+    # What the runner runs: ONNX Runtime's optimised graph.  Its fused kernels differ more
+    # (measured with onnxruntime 1.32 on an AMD EPYC: 3.0e-4 on logits up to 17, against
+    # 1.2e-5 unoptimised and 8e-6 for pycls's fp32 torch, all vs a float64 torch run).
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    fast = session.run(["class"], {"image": x})[0]
+    assert np.max(np.abs(fast - want)) < 1e-3
+    assert (fast.argmax(1) == want.argmax(1)).all() and (got.argmax(1) == want.argmax(1)).all()
