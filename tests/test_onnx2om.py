@@ -2,7 +2,7 @@
 
 Real ATC has not been run by these tests: they check the argv we hand ATC against the
 guide's command (REFERENCE.md 2), the manifest, the error paths, and that the AIPP numbers
-reproduce ``runner.preprocess`` in exact arithmetic (the chip's fp16 is not modelled).
+reproduce ``runner.preprocess`` with the chip's fp16 loads and arithmetic modelled in numpy.
 """
 
 from __future__ import annotations
@@ -196,8 +196,43 @@ def parse_aipp(text: str) -> dict[str, str]:
     return dict(re.match(r"\s*(\w+)\s*:\s*(\S+)", ln).groups() for ln in lines if ln.strip())
 
 
-@pytest.mark.parametrize("name", ["huawei", "tf-lite"])
-def test_aipp_reproduces_the_recipe_for_every_uint8_level(name: str, tmp_path: Path) -> None:
+def chip_fp16(value: float) -> float:
+    """A config value as the AIPP kernel loads it: float32 in the file, fp16 in the register
+    (aipp_comm.py ``get_fp16``: numpy.float16, round to nearest even)."""
+    return float(np.float16(np.float32(value)))
+
+
+def chip_aipp(pixels: np.ndarray, mean_chn: int, min_chn: float, var_reci: float) -> np.ndarray:
+    """One channel through AIPP's data type conversion as modelled here: the int16 mean is
+    subtracted exactly, then fp16 ``- min_chn`` and ``* var_reci_chn``, each result rounded to
+    fp16 (computed in float64 first, so each step is rounded once)."""
+    d = pixels.astype(np.int64) - mean_chn
+    t = np.float16(d.astype(np.float64) - chip_fp16(min_chn))
+    return np.float16(t.astype(np.float64) * chip_fp16(var_reci)).astype(np.float64)
+
+
+AIPP_RECIPES = ["huawei", "tf-lite", "tf-lite-240", "tf-lite-260"]
+
+
+@pytest.mark.parametrize("name", AIPP_RECIPES)
+def test_aipp_offsets_on_the_chip_are_within_0_005_levels(name: str) -> None:
+    """The fixed per-channel offset, as the chip holds it, is 255 x mean (x scale) to 0.005
+    pixel levels: mean_chn carries the integer part, min_chn the fraction (fp16 near 0)."""
+    recipe = get_recipe(name)
+    params = aipp_params(recipe)
+    order = [2, 1, 0] if params["rbuv_swap_switch"] else [0, 1, 2]
+    for i, src in enumerate(order):
+        mean_chn = params[f"mean_chn_{i}"]
+        assert isinstance(mean_chn, int) and 0 <= mean_chn <= 255
+        assert 0.0 <= params[f"min_chn_{i}"] < 1.0
+        on_chip = mean_chn + chip_fp16(params[f"min_chn_{i}"])
+        assert abs(on_chip - recipe.scale * recipe.mean[src]) <= 0.005, (name, i)
+
+
+@pytest.mark.parametrize("name", AIPP_RECIPES)
+def test_aipp_reproduces_the_recipe_in_fp16_for_every_uint8_level(
+    name: str, tmp_path: Path
+) -> None:
     recipe = get_recipe(name)
     fields = parse_aipp(write_aipp_config(recipe, recipe.crop, tmp_path / "aipp.cfg").read_text())
     assert fields["input_format"] == "RGB888_U8"
@@ -213,22 +248,21 @@ def test_aipp_reproduces_the_recipe_for_every_uint8_level(name: str, tmp_path: P
 
     pixels = rgb[:, ::-1] if swap else rgb  # AIPP swaps R/B before normalising
     for i in range(3):
-        # AIPP holds mean_chn as an integer and min/var as float32; evaluate exactly.
-        mean = int(fields[f"mean_chn_{i}"])
-        low = float(np.float32(fields[f"min_chn_{i}"]))
-        var = float(np.float32(fields[f"var_reci_chn_{i}"]))
-        aipp = (pixels[:, i].astype(np.float64) - mean - low) * var
-        np.testing.assert_allclose(aipp, expected[i], rtol=0, atol=1e-6)
+        chip = chip_aipp(pixels[:, i], int(fields[f"mean_chn_{i}"]),
+                         float(fields[f"min_chn_{i}"]), float(fields[f"var_reci_chn_{i}"]))
+        # fp16 arithmetic, not the float32 host path: within one fp16 step at |y| ~ 2 (2^-9).
+        np.testing.assert_allclose(chip, expected[i], rtol=0, atol=2.0**-9)
 
 
 def test_aipp_params_huawei_values() -> None:
     params = aipp_params(get_recipe("huawei"))
     assert params["rbuv_swap_switch"] is True
-    # Channel 0 is blue after the swap.
-    assert params["mean_chn_0"] == 0
-    assert params["min_chn_0"] == pytest.approx(255 * 0.406)
+    # Channel 0 is blue after the swap: 255 x 0.406 = 103.53 = 103 + 0.53.
+    assert params["mean_chn_0"] == 103
+    assert params["min_chn_0"] == pytest.approx(255 * 0.406 - 103)
     assert params["var_reci_chn_0"] == pytest.approx(1 / (255 * 0.225))
-    assert params["min_chn_2"] == pytest.approx(255 * 0.485)
+    assert (params["mean_chn_1"], params["mean_chn_2"]) == (116, 123)
+    assert params["min_chn_2"] == pytest.approx(255 * 0.485 - 123)
 
 
 def test_aipp_refuses_float_recipe() -> None:
