@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +41,9 @@ ATC_MISSING = (
 CANN_ENV_VARS = ("ASCEND_OPP_PATH", "ASCEND_TOOLKIT_HOME")
 ATC_LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 ATC_DEFAULT_PRECISION = "force_fp16"
+#: GE's ModelHelper inserts ``_<host_env_os>_<host_env_cpu>`` before ``.om`` when the model
+#: carries operator .so binaries (hicann/ge model_helper.cc), e.g. ``m_bs16_linux_x86_64.om``.
+OS_CPU_SUFFIX = re.compile(r"_[a-z]+_[a-z0-9_]+")
 
 
 class ConvertError(RuntimeError):
@@ -120,6 +125,32 @@ def check_atc() -> None:
     """Fail early, in one line, where the CANN environment has not been sourced."""
     if shutil.which("atc") is None or not any(os.environ.get(v) for v in CANN_ENV_VARS):
         raise ConvertError(ATC_MISSING)
+
+
+def atc_log_hint(env: Mapping[str, str], log_level: str) -> str:
+    """Where ATC's detailed log went: it prints only a summary ("ATC run failed, Please check
+    the detail log").  Precedence from CANN's environment variable reference:
+    ASCEND_SLOG_PRINT_TO_STDOUT=1 prints it; else ASCEND_PROCESS_LOG_PATH > ASCEND_WORK_PATH/log
+    > $HOME/ascend/log."""
+    if log_level == "null":
+        return "ATC kept no log (--log null); rerun with --log error"
+    if env.get("ASCEND_SLOG_PRINT_TO_STDOUT") == "1":
+        return "its log is above (ASCEND_SLOG_PRINT_TO_STDOUT=1)"
+    if env.get("ASCEND_PROCESS_LOG_PATH"):
+        root = Path(env["ASCEND_PROCESS_LOG_PATH"])
+    elif env.get("ASCEND_WORK_PATH"):
+        root = Path(env["ASCEND_WORK_PATH"]) / "log"
+    else:
+        root = Path(env.get("HOME", "~")) / "ascend" / "log"
+    return f"its log is under {root} (ASCEND_SLOG_PRINT_TO_STDOUT=1 prints it here instead)"
+
+
+def om_candidates(out: Path, base: str) -> list[Path]:
+    """``<base>.om`` and the ``<base>_<os>_<cpu>.om`` variants ATC may write instead."""
+    found = [p for p in out.glob(f"{base}_*.om")
+             if OS_CPU_SUFFIX.fullmatch(p.name[len(base):-len(".om")])]
+    exact = out / f"{base}.om"
+    return sorted([exact, *found] if exact.is_file() else found)
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -254,20 +285,28 @@ def convert(args: argparse.Namespace) -> None:
         write_aipp_config(recipe, (inp.height, inp.width), aipp_cfg)
     models = {}
     for bs, argv in commands.items():
-        om = out / f"{stem}_bs{bs}.om"
-        om.unlink(missing_ok=True)  # so that an earlier run's .om cannot pass for this one's
+        base = f"{stem}_bs{bs}"
+        for stale in om_candidates(out, base):  # an earlier run's .om must not pass for this one's
+            stale.unlink()
+        before = set(out.iterdir())
         print(shlex.join(argv), flush=True)
         try:
             rc = subprocess.run(argv, check=False).returncode
         except OSError as exc:
             raise ConvertError(f"cannot run atc for batch size {bs}: {exc}") from None
         if rc != 0:
+            raise ConvertError(f"atc failed for batch size {bs} (exit code {rc}); "
+                               f"{atc_log_hint(os.environ, args.log)}")
+        written = om_candidates(out, base)
+        if len(written) != 1:
+            new = sorted(p.name for p in set(out.iterdir()) - before)
             raise ConvertError(
-                f"atc failed for batch size {bs} (exit code {rc}); see its log above"
+                f"atc exited 0 for batch size {bs} but wrote "
+                f"{'no' if not written else 'more than one'} {out / base}.om "
+                f"(or {base}_<os>_<cpu>.om); in {out} it wrote "
+                f"{', '.join(new) if new else 'nothing'}"
             )
-        if not om.is_file():
-            raise ConvertError(f"atc exited 0 for batch size {bs} but wrote no {om}")
-        models[str(bs)] = om.name
+        models[str(bs)] = written[0].name
 
     manifest = {
         "onnx": str(args.onnx.resolve()),

@@ -72,6 +72,7 @@ def run_cli(
     dirs = [FAKE_ATC_DIR] if atc else [empty]
     full["PATH"] = os.pathsep.join(str(d) for d in [*dirs, Path(sys.executable).parent])
     full["PYTHONPATH"] = str(REPO)
+    full["HOME"] = str(tmp_path / "home")  # where ATC's log goes by default
     full["FAKE_ATC_LOG"] = str(tmp_path / "atc.jsonl")
     if cann_env:
         full["ASCEND_TOOLKIT_HOME"] = str(tmp_path / "cann")
@@ -295,39 +296,87 @@ def test_dry_run_needs_no_atc(model: Path, tmp_path: Path) -> None:
     assert not out.exists()
 
 
-def test_atc_failure_names_the_batch_size(model: Path, tmp_path: Path) -> None:
+def test_atc_failure_names_the_batch_size_and_where_its_log_went(
+    model: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "om"
     proc = run_cli(
         [str(model), "--batch-sizes", "16", "--out", str(out)], tmp_path, FAKE_ATC_EXIT="1"
     )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()[-1:]
-    assert line.startswith("onnx2om: error:")
-    assert "batch size 16" in line and "exit code 1" in line
+    log_root = tmp_path / "home" / "ascend" / "log"
+    assert line == (
+        "onnx2om: error: atc failed for batch size 16 (exit code 1); its log is under "
+        f"{log_root} (ASCEND_SLOG_PRINT_TO_STDOUT=1 prints it here instead)"
+    )
+    assert list(log_root.rglob("plog-*.log"))  # and that is where the detailed log is
     assert not (out / "manifest.json").exists()
 
 
-def test_missing_om_after_atc_success_is_an_error(model: Path, tmp_path: Path) -> None:
-    out = tmp_path / "om"
-    proc = run_cli(
-        [str(model), "--batch-sizes", "1", "--out", str(out)], tmp_path, FAKE_ATC_SKIP_OM="1"
-    )
+@pytest.mark.parametrize(
+    ("env", "log_root"),
+    [({"ASCEND_PROCESS_LOG_PATH": "plogs"}, "plogs"),
+     ({"ASCEND_WORK_PATH": "work", "ASCEND_PROCESS_LOG_PATH": ""}, "work/log")],
+)
+def test_atc_log_location_follows_canns_variables(
+    model: Path, tmp_path: Path, env: dict[str, str], log_root: str
+) -> None:
+    env = {k: str(tmp_path / v) if v else v for k, v in env.items()}
+    proc = run_cli([str(model), "--batch-sizes", "1", "--out", str(tmp_path / "om")], tmp_path,
+                   FAKE_ATC_EXIT="3", **env)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"onnx2om: error: atc exited 0 for batch size 1 but wrote no {out / 'tiny_bs1.om'}"
-    )
-    assert not (out / "manifest.json").exists()
+    assert f"its log is under {tmp_path / log_root} (" in proc.stderr
+    assert list((tmp_path / log_root).rglob("plog-*.log"))
 
 
-def test_om_left_by_an_earlier_run_does_not_pass_for_this_one(model: Path, tmp_path: Path) -> None:
+def test_atc_log_printed_to_stdout_or_not_kept(model: Path, tmp_path: Path) -> None:
+    args = [str(model), "--batch-sizes", "1", "--out", str(tmp_path / "om")]
+    proc = run_cli(args, tmp_path, FAKE_ATC_EXIT="1", ASCEND_SLOG_PRINT_TO_STDOUT="1")
+    assert proc.stderr.strip().endswith("its log is above (ASCEND_SLOG_PRINT_TO_STDOUT=1)")
+    assert "[ERROR] GE(" in proc.stdout
+    proc = run_cli([*args, "--log", "null"], tmp_path, FAKE_ATC_EXIT="1")
+    assert proc.stderr.strip().endswith("ATC kept no log (--log null); rerun with --log error")
+    assert not (tmp_path / "home" / "ascend").exists()
+
+
+def test_om_named_for_os_and_cpu_is_accepted_and_listed(model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "om"
+    proc = run_cli([str(model), "--batch-sizes", "1,16", "--out", str(out)], tmp_path,
+                   FAKE_ATC_OM_SUFFIX="_linux_x86_64")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["models"] == {"1": "tiny_bs1_linux_x86_64.om",
+                                  "16": "tiny_bs16_linux_x86_64.om"}
+
+
+def test_missing_om_after_atc_success_lists_what_was_written(model: Path, tmp_path: Path) -> None:
     out = tmp_path / "om"
     args = [str(model), "--batch-sizes", "1", "--out", str(out)]
-    assert run_cli(args, tmp_path).returncode == 0
-    assert (out / "tiny_bs1.om").is_file()
+    proc = run_cli(args, tmp_path, FAKE_ATC_SKIP_OM="1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"onnx2om: error: atc exited 0 for batch size 1 but wrote no {out / 'tiny_bs1'}.om "
+        f"(or tiny_bs1_<os>_<cpu>.om); in {out} it wrote nothing"
+    )
+    proc = run_cli(args, tmp_path, FAKE_ATC_OM_SUFFIX="-v2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"in {out} it wrote tiny_bs1-v2.om")
+    assert not (out / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("suffix", ["", "_linux_aarch64"])
+def test_om_left_by_an_earlier_run_does_not_pass_for_this_one(
+    model: Path, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / "om"
+    args = [str(model), "--batch-sizes", "1", "--out", str(out)]
+    assert run_cli(args, tmp_path, FAKE_ATC_OM_SUFFIX=suffix).returncode == 0
+    assert (out / f"tiny_bs1{suffix}.om").is_file()
     proc = run_cli(args, tmp_path, FAKE_ATC_SKIP_OM="1")
     assert proc.returncode == 2
     assert "wrote no" in proc.stderr
-    assert not (out / "tiny_bs1.om").exists()
+    assert not (out / f"tiny_bs1{suffix}.om").exists()
     assert not (out / "manifest.json").exists()
 
 
