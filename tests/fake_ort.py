@@ -3,7 +3,7 @@
 No GPU or Ascend chip is available to the tests, so ``runner.backends.ort`` is checked against
 ``monkeypatch.setitem(sys.modules, "onnxruntime", FakeOrt([...providers]))``.  The arithmetic
 is the real CPU onnxruntime's; around it the fake does what the real package does
-(microsoft/onnxruntime, python/onnxruntime_inference_collection.py, 1.17 to 1.32):
+(microsoft/onnxruntime, python/onnxruntime_inference_collection.py, as in 1.24.4 and 1.32):
 
 * ``InferenceSession(path, sess_options, providers=..., **kwargs)``: ``enable_fallback``
   (kwarg, default 1); a session whose creation fails (``ValueError``/``RuntimeError``) is
