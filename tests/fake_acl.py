@@ -1,25 +1,45 @@
-"""Recording fakes of CANN's pyACL ``acl`` module and of ais_bench's ``InferSession``.
+"""A recording fake of CANN's pyACL ``acl`` module, and helpers for the tests that use it.
 
-No Ascend chip is available to the tests, so ``runner.backends.acl`` is checked against these:
+No Ascend chip is available to the tests, so ``runner.backends.acl`` is checked against this:
 ``monkeypatch.setitem(sys.modules, "acl", FakeAcl(models))``. ``FakeAcl`` keeps every call,
 simulates device and host memory so ``memcpy`` really copies bytes, and "executes" a model as
 ``logits[i, k] = mean(image i) * (k + 1)``, so a test can tell which image fed which row. Any
-call named in ``fail`` returns that error code instead of acting. The return conventions
-(``ret``, ``(value, ret)`` or a bare handle) follow the pyACL documentation.
+call named in ``fail`` returns that error code instead of acting.
+
+What it enforces follows the real sources and docs: return conventions (``ret``, ``(value,
+ret)`` or a bare handle) and data-type calls as in Ascend/samples ``acl_net.py`` and
+``acllite_model.py``; one ``acl.init`` per process (CANN 5.0.4 pyACL reference), a second one
+returning ACL_ERROR_REPEAT_INITIALIZE, nothing working before it or after ``acl.finalize``; a
+context current per thread (``set_device`` / ``create_context`` / ``set_context`` make one
+current on the calling thread only); memcpy kinds by run mode (acllite: device-to-device when
+``get_run_mode`` says ACL_DEVICE); and ASCEND_RT_VISIBLE_DEVICES as the CANN 8.x env reference
+describes it (ids in ascending order up to the first other character or invalid id, renumbered
+from 0), or ignored, as on runtimes that predate it (``reads_visible=False``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 ACL_ERROR_INVALID_PARAM = 100000
-H2D, D2H = 1, 2
+ACL_ERROR_UNINITIALIZE = 100001
+ACL_ERROR_REPEAT_INITIALIZE = 100002
+ACL_ERROR_REPEAT_FINALIZE = 100037
+ACL_ERROR_RT_INVALID_DEVICEID = 107001
+ACL_ERROR_RT_CONTEXT_NULL = 107002
+H2D, D2H, D2D = 1, 2, 3
+ACL_DEVICE, ACL_HOST = 0, 1
+ACL_DTYPE = {"float32": 0, "float16": 1, "int8": 2, "int32": 3, "uint8": 4}  # acllite constants
+NPY_DTYPES = {np.dtype(t).num: np.dtype(t) for t in ("uint8", "int32", "float16", "float32")}
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,7 @@ class FakeOm:
     dtype: str = "float32"
     name: str = "image"
     num_outputs: int = 1
+    out_dtype: str = "float32"
 
     @property
     def input_dims(self) -> list[int]:
@@ -47,7 +68,7 @@ class FakeOm:
 
     @property
     def output_size(self) -> int:
-        return self.batch * self.classes * 4
+        return self.batch * self.classes * np.dtype(self.out_dtype).itemsize
 
 
 def fake_logits(images: np.ndarray, classes: int) -> np.ndarray:
@@ -56,34 +77,73 @@ def fake_logits(images: np.ndarray, classes: int) -> np.ndarray:
     return (means[:, None] * np.arange(1, classes + 1)).astype(np.float32)
 
 
+def om_files(tmp_path: Path, **oms: FakeOm) -> dict[str, FakeOm]:
+    """Write a placeholder file per .om and return the fake's registry {path: FakeOm}."""
+    registry = {}
+    for stem, om in oms.items():
+        path = tmp_path / f"{stem}.om"
+        path.write_bytes(b"FAKE OM")
+        registry[str(path)] = om
+    return registry
+
+
+def images(n: int, om: FakeOm) -> np.ndarray:
+    """Image i is filled with i + 1, so its logits row is (i + 1) * (1..classes)."""
+    batch = np.empty((n, *om.image), om.dtype)
+    for i in range(n):
+        batch[i] = i + 1
+    return batch
+
+
+def expected(n: int, classes: int) -> np.ndarray:
+    return (np.arange(1, n + 1)[:, None] * np.arange(1, classes + 1)).astype(np.float32)
+
+
 class FakeAcl:
     """The ``acl`` module: ``acl.init``, ``acl.rt.*``, ``acl.mdl.*``, ``acl.util.*``.
 
     ``util_api="bytes"`` offers newer CANN's ``bytes_to_ptr``/``ptr_to_bytes``,
-    ``"numpy"`` older CANN's ``numpy_to_ptr``/``ptr_to_numpy``.
+    ``"numpy"`` older CANN's ``numpy_to_ptr``/``ptr_to_numpy``. ``chips``: physical chips on
+    the host. ``initialised_elsewhere``: a co-resident library already called ``acl.init``.
     """
 
-    def __init__(self, models: dict[str, FakeOm], util_api: str = "bytes") -> None:
+    def __init__(
+        self,
+        models: dict[str, FakeOm],
+        util_api: str = "bytes",
+        chips: int = 4,
+        reads_visible: bool = True,
+        run_mode: int = ACL_HOST,
+        initialised_elsewhere: bool = False,
+    ) -> None:
         self.models = {str(path): om for path, om in models.items()}
+        self.chips, self.reads_visible, self.run_mode = chips, reads_visible, run_mode
         self.calls: list[tuple[str, tuple]] = []
         self.fail: dict[str, int] = {}
         self.memory: dict[int, Any] = {}  # ptr -> bytearray (device/host) or memoryview
         self.space: dict[int, str] = {}  # ptr -> "device" | "host"
         self.live: dict[Any, str] = {}  # every resource not yet released
         self.executed: list[tuple[str, np.ndarray]] = []  # (.om path, input batch)
-        self.current_context: int | None = None
+        self.opened_chips: list[int] = []  # the physical chip of every set_device
+        self.initialised = initialised_elsewhere
+        self._visible = self.visible_chips() if initialised_elsewhere else []
+        self._thread = threading.local()  # .context: what is current on the calling thread
         self._loaded: dict[int, str] = {}  # model id -> path
         self._desc: dict[int, int] = {}  # desc -> model id
         self._datasets: dict[int, list[int]] = {}
         self._buffers: dict[int, tuple[int, int]] = {}
         self._next = 0x1000
-        self.init = self._api("acl.init", "ret", self._init)
-        self.finalize = self._api("acl.finalize", "ret", self._finalize)
+        self.init = self._api("acl.init", "plain", self._init)
+        self.finalize = self._api("acl.finalize", "plain", self._finalize)
         self.create_data_buffer = self._api("acl.create_data_buffer", "handle", self._buffer)
         self.destroy_data_buffer = self._api(
             "acl.destroy_data_buffer", "ret", self._release("data_buffer")
         )
         self.rt = types.SimpleNamespace(
+            get_device_count=self._api(
+                "acl.rt.get_device_count", "pair", lambda: (len(self._visible), 0)
+            ),
+            get_run_mode=self._api("acl.rt.get_run_mode", "pair", lambda: (self.run_mode, 0)),
             set_device=self._api("acl.rt.set_device", "ret", self._set_device),
             reset_device=self._api("acl.rt.reset_device", "ret", self._reset_device),
             create_context=self._api("acl.rt.create_context", "pair", self._create_context),
@@ -111,6 +171,14 @@ class FakeAcl:
             get_output_size_by_index=self._api(
                 "acl.mdl.get_output_size_by_index", "plain", lambda d, i: self._om(d).output_size
             ),
+            get_input_data_type=self._api(
+                "acl.mdl.get_input_data_type", "plain", lambda d, i: ACL_DTYPE[self._om(d).dtype]
+            ),
+            get_output_data_type=self._api(
+                "acl.mdl.get_output_data_type",
+                "plain",
+                lambda d, i: ACL_DTYPE[self._om(d).out_dtype],
+            ),
             get_input_dims=self._api("acl.mdl.get_input_dims", "pair", self._input_dims),
             get_output_dims=self._api("acl.mdl.get_output_dims", "pair", self._output_dims),
             create_dataset=self._api("acl.mdl.create_dataset", "handle", self._dataset),
@@ -133,15 +201,17 @@ class FakeAcl:
                 ptr_to_numpy=self._api("acl.util.ptr_to_numpy", "plain", self._ptr_to_numpy),
             )
 
-    # -- recording and failure injection --------------------------------------------------
+    # -- recording, failure injection, initialisation -------------------------------------
 
     def _api(self, name: str, style: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any) -> Any:
             self.calls.append((name, args))
             code = self.fail.get(name)
+            if code is None and style != "plain" and not self.initialised:
+                code = ACL_ERROR_UNINITIALIZE
             if code is None:
                 return fn(*args)
-            return {"ret": code, "pair": (0, code), "handle": 0}[style]
+            return {"ret": code, "pair": (0, code), "handle": 0, "plain": code}[style]
 
         return call
 
@@ -154,7 +224,82 @@ class FakeAcl:
     def leaks(self) -> list[str]:
         return sorted(self.live.values())
 
-    # -- resources -------------------------------------------------------------------------
+    def visible_chips(self) -> list[int]:
+        """The physical chips the runtime numbers 0, 1, ... (read at initialisation)."""
+        value = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+        if value is None or not self.reads_visible:
+            return list(range(self.chips))
+        chips, digits = [], ""
+        for char in value + ",":
+            if char.isdigit():
+                digits += char
+                continue
+            if char != "," or not digits or int(digits) >= self.chips:
+                break  # another character or an invalid id ends the list
+            chips.append(int(digits))
+            digits = ""
+        return chips
+
+    def chip(self, device: int) -> int | None:
+        """The physical chip behind runtime id ``device``; None if there is none."""
+        return self._visible[device] if 0 <= device < len(self._visible) else None
+
+    def init_by_other_library(self) -> None:
+        """What ais_bench's aclInit does to the process's one ACL."""
+        self.initialised, self._visible = True, self.visible_chips()
+
+    def finalize_by_other_library(self) -> None:
+        self.initialised = False
+
+    def _init(self) -> int:
+        if self.initialised:
+            return ACL_ERROR_REPEAT_INITIALIZE
+        self.init_by_other_library()
+        self.live["acl"] = "acl.init"
+        return 0
+
+    def _finalize(self) -> int:
+        if not self.initialised:
+            return ACL_ERROR_REPEAT_FINALIZE
+        self.live.pop("acl", None)
+        self.initialised = False
+        return 0
+
+    # -- devices and contexts --------------------------------------------------------------
+
+    @property
+    def current_context(self) -> Any:
+        return getattr(self._thread, "context", None)
+
+    def _set_device(self, device: int) -> int:
+        chip = self.chip(device)
+        if chip is None:
+            return ACL_ERROR_RT_INVALID_DEVICEID
+        self.opened_chips.append(chip)
+        self.live[("device", device)] = f"device {device}"
+        self._thread.context = ("default", device)  # aclrtSetDevice's default context
+        return 0
+
+    def _reset_device(self, device: int) -> int:
+        del self.live[("device", device)]
+        return 0
+
+    def _create_context(self, device: int) -> tuple[int, int]:
+        assert ("device", device) in self.live, "create_context before set_device"
+        self._thread.context = self._new("context")
+        return self._thread.context, 0
+
+    def _destroy_context(self, ctx: int) -> int:
+        if self.current_context == ctx:
+            self._thread.context = None
+        return self._release("context")(ctx)
+
+    def _set_context(self, ctx: int) -> int:
+        assert self.live.get(ctx) == "context", "set_context of an unknown context"
+        self._thread.context = ctx
+        return 0
+
+    # -- memory ----------------------------------------------------------------------------
 
     def _new(self, what: str) -> int:
         self._next += 0x100
@@ -169,38 +314,9 @@ class FakeAcl:
 
         return release
 
-    def _init(self) -> int:
-        assert "acl" not in self.live, "acl.init called twice"
-        self.live["acl"] = "acl.init"
-        return 0
-
-    def _finalize(self) -> int:
-        del self.live["acl"]
-        return 0
-
-    def _set_device(self, device: int) -> int:
-        self.live[("device", device)] = f"device {device}"
-        return 0
-
-    def _reset_device(self, device: int) -> int:
-        del self.live[("device", device)]
-        return 0
-
-    def _create_context(self, device: int) -> tuple[int, int]:
-        assert ("device", device) in self.live, "create_context before set_device"
-        self.current_context = self._new("context")
-        return self.current_context, 0
-
-    def _destroy_context(self, ctx: int) -> int:
-        self.current_context = None
-        return self._release("context")(ctx)
-
-    def _set_context(self, ctx: int) -> int:
-        assert self.live.get(ctx) == "context", "set_context of an unknown context"
-        self.current_context = ctx
-        return 0
-
     def _alloc(self, size: int, space: str = "device") -> tuple[int, int]:
+        if self.current_context is None:
+            return 0, ACL_ERROR_RT_CONTEXT_NULL
         ptr = self._new(f"{space} memory")
         self.memory[ptr] = bytearray(size)
         self.space[ptr] = space
@@ -224,12 +340,19 @@ class FakeAcl:
         return self._next
 
     def _ptr_to_numpy(self, ptr: int, shape: tuple[int, ...], npy_type: int) -> np.ndarray:
-        assert npy_type == 11, "only NPY_FLOAT32 is expected"
-        return np.frombuffer(self.memory[ptr], np.float32, math.prod(shape)).reshape(shape)
+        dtype = NPY_DTYPES[npy_type]
+        return np.frombuffer(self.memory[ptr], dtype, math.prod(shape)).reshape(shape)
 
     def _memcpy(self, dst: int, dst_max: int, src: int, count: int, kind: int) -> int:
-        want = {H2D: ("device", "host"), D2H: ("host", "device")}[kind]
-        assert (self.space[dst], self.space[src]) == want, f"memcpy kind {kind} misdirected"
+        if self.current_context is None:
+            return ACL_ERROR_RT_CONTEXT_NULL
+        if self.run_mode == ACL_DEVICE:  # all memory is the device's: only D2D applies
+            ok = kind == D2D
+        else:
+            want = {H2D: ("device", "host"), D2H: ("host", "device"), D2D: ("device", "device")}
+            ok = want.get(kind) == (self.space[dst], self.space[src])
+        if not ok:
+            return ACL_ERROR_INVALID_PARAM
         assert count <= dst_max <= len(self.memory[dst]) and count <= len(self.memory[src])
         self.memory[dst][:count] = self.memory[src][:count]
         return 0
@@ -239,6 +362,8 @@ class FakeAcl:
     def _load(self, path: str) -> tuple[int, int]:
         if path not in self.models:
             return 0, ACL_ERROR_INVALID_PARAM
+        if self.current_context is None:
+            return 0, ACL_ERROR_RT_CONTEXT_NULL
         model_id = self._new("model")
         self._loaded[model_id] = path
         return model_id, 0
@@ -273,7 +398,8 @@ class FakeAcl:
         return dataset, 0
 
     def _execute(self, model_id: int, in_ds: int, out_ds: int) -> int:
-        assert self.current_context is not None, "execute without a current context"
+        if self.current_context is None:
+            return ACL_ERROR_RT_CONTEXT_NULL
         path = self._loaded[model_id]
         om = self.models[path]
         (in_buf,) = self._datasets[in_ds]
@@ -283,62 +409,6 @@ class FakeAcl:
         self.executed.append((path, images))
         out = [self._buffers[b] for b in self._datasets[out_ds]]
         assert len(out) == om.num_outputs and out[0][1] == om.output_size
-        self.memory[out[0][0]][:] = fake_logits(images, om.classes).tobytes()
+        logits = fake_logits(images, om.classes).astype(om.out_dtype)
+        self.memory[out[0][0]][:] = logits.tobytes()
         return 0
-
-
-def fake_ais_bench(
-    models: dict[str, FakeOm], calls: list, spelling: str = "summary"
-) -> types.ModuleType:
-    """A stand-in for ``ais_bench.infer.interface`` whose sessions run the fake model.
-
-    ``spelling="sumary"`` mimics older ais_bench (``sumary``/``reset_sumaryinfo``).
-    """
-    models = {str(path): om for path, om in models.items()}
-
-    class InferSession:
-        def __init__(self, device_id: int, model_path: str) -> None:
-            calls.append(("InferSession", (device_id, model_path)))
-            if model_path not in models:
-                raise RuntimeError(f"load model failed:\n{model_path}")
-            self.om = models[model_path]
-            self.times: list[float] = []
-
-        def get_inputs(self) -> list[types.SimpleNamespace]:
-            om = self.om
-            return [
-                types.SimpleNamespace(
-                    name=om.name, shape=om.input_dims, size=om.input_size, realsize=om.input_size
-                )
-            ]
-
-        def get_outputs(self) -> list[types.SimpleNamespace]:
-            om = self.om
-            return [
-                types.SimpleNamespace(
-                    name="class", shape=om.output_dims, size=om.output_size, realsize=om.output_size
-                )
-            ]
-
-        def infer(self, feeds: list[np.ndarray], mode: str = "static") -> list[np.ndarray]:
-            calls.append(("infer", (feeds[0].copy(),)))
-            (batch,) = feeds
-            assert batch.dtype == self.om.dtype and list(batch.shape) == self.om.input_dims
-            self.times.append(2.5 * self.om.batch)
-            return [fake_logits(batch, self.om.classes)]
-
-        def _summary(self) -> types.SimpleNamespace:
-            return types.SimpleNamespace(exec_time_list=list(self.times))
-
-        def _reset(self) -> None:
-            calls.append(("reset", ()))
-            self.times.clear()
-
-        def free_resource(self) -> None:
-            calls.append(("free_resource", (self.om.batch,)))
-
-    setattr(InferSession, spelling, InferSession._summary)
-    setattr(InferSession, f"reset_{spelling}info", InferSession._reset)
-    module = types.ModuleType("ais_bench.infer.interface")
-    module.InferSession = InferSession
-    return module
