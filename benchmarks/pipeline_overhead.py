@@ -25,8 +25,8 @@ from runner import demo
 from runner.config import RunConfig
 from runner.devices import cpu_slots
 from runner.evaluation import run_evaluation
-from runner.pipeline import start_ray
 from runner.preprocess import get_recipe, load_crop, to_tensor
+from runner.ray_start import start_ray
 from runner.report import perf_summary
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -148,6 +147,12 @@ def verify_onnx(
     if meta.get("cardrunner.input") == UINT8_INPUT:
         model = Uint8Input(model, get_recipe(meta["cardrunner.recipe"]))
     model = model.eval()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportVerificationError(
+            "verifying the export needs ONNX Runtime: pip install -e '.[cpu]' (or '.[cuda]', "
+            "'.[cann]': any build has the CPU provider)") from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:

@@ -24,8 +24,9 @@ class RunConfig:
     batch_size: int = 16
     out: str = "runs/latest"
     recipe: str | None = None  # default: the model's metadata, else "huawei"
-    workers: int | None = None  # preprocessing actors per node; see pipeline.default_workers
-    in_flight: int = 2
+    workers: int | None = None  # preprocessing actors per node; see planning.default_workers
+    in_flight: int = 2  # device calls queued per device
+    batches_per_call: int | None = None  # model batches per device call; default: ~75 ms
     threads: int | None = None  # onnxruntime CPU threads per device; default cores / devices
     limit: int | None = None
     pure_infer: bool = False
@@ -47,6 +48,7 @@ class RunConfig:
     def validate(self) -> None:
         """Numbers that would make a run silently wrong are refused up front."""
         positive = {"--batch-size": self.batch_size, "--in-flight": self.in_flight,
+                    "--batches-per-call": self.batches_per_call,
                     "--rounds": self.rounds, "--limit": self.limit, "--workers": self.workers,
                     "--threads": self.threads, "--batch-timeout": self.batch_timeout_s}
         for flag, value in positive.items():

@@ -16,6 +16,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _NODE = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -171,3 +172,36 @@ def place_devices(
     if len({(n.node_id, r.index) for r, n in placed}) != len(placed):
         raise DeviceSpecError("--devices: the same device is listed twice")
     return placed
+
+
+#: Custom Ray resource that counts emulated chips (one per emulated device actor).
+EMULATED_RESOURCE = "emulated_npu"
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """How Ray counts, places and exposes one kind of device."""
+
+    resource: str | None  # Ray resource held by each device actor; None: CPU slices
+    visible_env: str | None  # variable through which the runtime sees only its own chip
+    label: str  # what the devices are called in messages
+
+
+def device_kind(backend: str, provider: str) -> DeviceKind:
+    if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
+        return DeviceKind("NPU", "ASCEND_RT_VISIBLE_DEVICES", "Ascend NPUs")
+    if backend == "onnxruntime" and provider == "cuda":
+        return DeviceKind("GPU", "CUDA_VISIBLE_DEVICES", "GPUs")
+    if backend == "emulated":
+        return DeviceKind(EMULATED_RESOURCE, None, "emulated chips (--emulated-chips)")
+    return DeviceKind(None, None, "CPU slices")
+
+
+def device_actor_options(kind: DeviceKind) -> dict[str, Any]:
+    """Ray placement for one device actor: exactly one chip, no CPU reservation."""
+    opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 2}
+    if kind.resource == "GPU":
+        opts["num_gpus"] = 1
+    elif kind.resource:
+        opts["resources"] = {kind.resource: 1}
+    return opts

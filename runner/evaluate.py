@@ -16,12 +16,14 @@ from .backends import BackendError
 from .config import ConfigError, RunConfig
 from .dataset import DatasetError
 from .devices import DeviceSpecError
-from .evaluation import run_evaluation
+from .evaluation import Evaluator
 from .jobs import Job, check_gates, load_job
 from .journal import JournalError
 from .metrics import LabelError
 from .preprocess import RECIPES
 from .report import format_examples, format_table, write_outputs
+from .run import RunResult
+from .sweep import format_sweep, sweep_row, write_sweep
 
 DEMO_IMAGES = 2000
 DEMO_OUT = "runs/demo"
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=".onnx (onnxruntime) or .om / manifest.json (acl)")
     p.add_argument("--images", help="folder of validation images")
     p.add_argument("--labels", help="val_label.txt: '<image> <class index>' per line")
-    p.add_argument("--batch-size", type=int, help="default 16, or the job's batch_sizes")
+    p.add_argument("--batch-size", type=batch_sizes, metavar="N[,N...]",
+                   help="default 16, or the job's batch_sizes; several (1,4,16) run a sweep "
+                   "in one Ray instance, each size in OUT/bs<N>, with OUT/sweep.json")
     p.add_argument("--out", help="run folder (default runs/latest; --demo: runs/demo, replaced)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "acl", "emulated"],
                    help="default onnxruntime")
@@ -54,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int,
                    help="preprocessing actors per node (default: one per core; half the "
                    "cores when inference runs on the CPU too)")
-    p.add_argument("--in-flight", type=int, help="batches queued per device (default 2)")
+    p.add_argument("--in-flight", type=int,
+                   help=f"device calls queued per device (default {RunConfig.in_flight})")
+    p.add_argument("--batches-per-call", type=int, metavar="N",
+                   help="model batches per device call (default: enough for ~75 ms of "
+                   "device time, from the warm-up's batch latency)")
     p.add_argument("--threads", type=int, help="onnxruntime CPU threads per device")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--pure-infer", action="store_true", default=None,
@@ -97,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``16`` or ``1,4,16`` -> [16] or [1, 4, 16]."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(b <= 0 for b in sizes) or len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive and distinct: {text!r}")
+    return sizes
+
+
 def job_from_args(args: argparse.Namespace) -> Job:
     """Defaults < job file < flags: the one place where the three meet."""
     job = load_job(args.job) if args.job else Job(None, {}, [RunConfig.batch_size])
@@ -106,7 +125,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
     if args.model:
         job.models_by_batch = {}
     if args.batch_size is not None:
-        job.batch_sizes = [args.batch_size]
+        job.batch_sizes = args.batch_size
     gate_flags = {"top1": args.expect_top1, "top5": args.expect_top5,
                   "tolerance": args.tolerance, "min_fps": args.min_fps}
     job.gates = replace(job.gates, **{k: v for k, v in gate_flags.items() if v is not None})
@@ -115,8 +134,9 @@ def job_from_args(args: argparse.Namespace) -> Job:
     return job
 
 
-def run_one(cfg: RunConfig, job: Job, show: int = 0) -> int:
-    result = run_evaluation(cfg)
+def report_one(result: RunResult, job: Job, show: int = 0) -> tuple[int, dict]:
+    """Write a run's files, print its table and gates; (exit code, perf.json content)."""
+    cfg = result.config
     out = Path(cfg.out)
     perf = write_outputs(result, out, cfg.synsets)
     if show:
@@ -145,6 +165,31 @@ def run_one(cfg: RunConfig, job: Job, show: int = 0) -> int:
         print(f"evaluate: {errors} images were not scored (see {out / 'errors.csv'}); "
               f"--max-errors is {job.max_errors}", file=sys.stderr)
         code = code or 4
+    return code, perf
+
+
+def run_job(job: Job, show: int = 0) -> int:
+    """Every batch size of the job in one Ray instance, sharing device actors where the
+    model allows it; a sweep also writes its table at the job's --out."""
+    configs = [job.config_for(bs) for bs in job.batch_sizes]
+    for cfg in configs:  # a bad number fails now, not after the first size has run
+        cfg.validate()
+    code, rows = 0, []
+    with Evaluator() as evaluator:
+        for i, cfg in enumerate(configs):
+            if len(configs) > 1:
+                print(f"== batch size {cfg.batch_size} -> {cfg.out}", flush=True)
+            result = evaluator.run(cfg, keep_devices=i + 1 < len(configs))
+            one, perf = report_one(result, job, show)
+            code = code or one
+            if result.stats:
+                rows.append(sweep_row(result, perf))
+    if len(configs) > 1 and rows:
+        out = Path(job.settings.get("out", RunConfig.out))
+        note = write_sweep(rows, out)
+        print(f"== sweep over batch sizes {', '.join(str(r['batch_size']) for r in rows)}")
+        print(format_sweep(rows))
+        print(note or f"wrote {out}/sweep.json, sweep.csv, sweep.png")
     return code
 
 
@@ -173,17 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             job.settings.update(out=DEMO_OUT, overwrite=not job.settings.get("resume"))
         print("demo: the weights are UNTRAINED (random init): accuracy is chance level; "
               "only the throughput figures mean anything.", flush=True)
-    code = 0
-    for bs in job.batch_sizes:
-        try:
-            cfg = job.config_for(bs)
-            if len(job.batch_sizes) > 1:
-                print(f"== batch size {bs} -> {cfg.out}", flush=True)
-            code = run_one(cfg, job, args.show) or code
-        except CONFIG_ERRORS as exc:
-            print(f"evaluate: error: {exc}", file=sys.stderr)
-            return 2
-    return code
+    try:
+        return run_job(job, args.show)
+    except CONFIG_ERRORS as exc:
+        print(f"evaluate: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

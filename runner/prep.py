@@ -66,7 +66,7 @@ def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tup
     import ray
 
     from .errors import one_line
-    from .pipeline import start_ray
+    from .ray_start import start_ray
 
     start_ray(None, {})
     task = ray.remote(num_cpus=1)(write_bins)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from .classes import class_table, short_name
-from .evaluation import RunResult
 from .metrics import hit_ranks, label_offset
+from .run import RunResult
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -76,11 +76,12 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "hosts": _groups(devices, wall, lambda d: d["node"]),
         "cards": _groups(devices, wall, lambda d: f"{d['node']}/card{d['device_index'] // chips}")
         if chips else [],
+        "driver": driver_cost(result, images),
         "stages": stage_rates(result, card),
         "environment": {
             "backend": result.devices[0]["backend"],
             "provider": result.devices[0]["provider"],
-            "precision": model_precision(result),
+            "precision": result.devices[0]["precision"],  # what the runtime says it runs
             "batch_size": cfg.batch_size,
             "recipe": result.recipe,
             "model": cfg.model,
@@ -115,6 +116,21 @@ def _groups(devices: list[dict[str, Any]], wall: float, key) -> list[dict[str, A
     ]
 
 
+def driver_cost(result: RunResult, images: int) -> dict[str, Any]:
+    """The driver process's own cost over the timed run (CPU of all its threads, Ray's
+    included) and how the work crossed Ray: calls, batches per call."""
+    wall, cpu = result.outcome.wall_s, result.outcome.cpu_s
+    return {
+        "cpu_s": round(cpu, 4),
+        "cpu_s_per_1000_images": round(1000 * cpu / images, 4) if images else None,
+        "wall_share": round(cpu / wall, 4) if wall else None,
+        "calls": result.outcome.calls,
+        "batches_per_call": result.batches_per_call,
+        "chosen_by": "--batches-per-call" if result.config.batches_per_call else (
+            f"warm-up: {1000 * result.batch_s:.3g} ms per batch"),
+    }
+
+
 def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
     """Capacity of each stage in img/s (its work rate x its parallelism) and the bound one.
 
@@ -122,7 +138,9 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
     float conversion in the device actors; transfer = the time devices sat idle although
     their next batch was already decoded (object transfer and dispatch not hidden behind the
     previous batch's compute); infer = the sum of compute-only rates; post = the driver's
-    per-batch bookkeeping.  handoff = median ms from a batch being ready in its preprocessor
+    per-batch bookkeeping; orchestration = the images the driver process could handle per
+    CPU second (Ray calls and bookkeeping): when it is the least, the driver bounds the
+    run.  handoff = median ms from a batch being ready in its preprocessor
     to its device call starting (transfer + queueing, hidden or not).
     """
     stats = [s for s in result.stats if s.n]
@@ -138,6 +156,7 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
         "transfer": capacity(sum(s.stall_s for s in stats), ndev),
         "infer": card["sum_compute_fps"] or None,
         "post": capacity(sum(s.post_s for s in stats), 1),
+        "orchestration": capacity(result.outcome.cpu_s, 1),
     }
     if result.config.pure_infer:
         rates["decode"] = None  # no dataset: the batch is made once
@@ -150,26 +169,20 @@ def stage_rates(result: RunResult, card: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def model_precision(result: RunResult) -> str:
-    """What arithmetic the model runs in, as far as the host can tell."""
-    cfg = result.config
-    if result.devices and result.devices[0]["emulated"]:
-        return "emulated"
-    if cfg.precision:
-        return cfg.precision
-    if str(cfg.model).endswith(".onnx"):
-        dtype = result.model_meta.get("cardrunner.precision", "fp32")
-        return f"{dtype} (ONNX)"
-    return "set at ATC time (default force_fp16; see the manifest)"
-
-
 def _versions() -> dict[str, str]:
-    import onnxruntime
+    """Versions that change figures, including which ONNX Runtime build is installed."""
+    from importlib import metadata
+
     import PIL
     import ray
 
-    return {"ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__}
+    versions = {"ray": ray.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-cann"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def accuracy_summary(result: RunResult) -> dict[str, Any]:

@@ -28,7 +28,8 @@ def ray_session():
     """Embedded Ray with 4 fake NPUs and 8 emulated chips, shared by all pipeline tests."""
     import ray
 
-    from runner.pipeline import EMULATED_RESOURCE, start_ray
+    from runner.devices import EMULATED_RESOURCE
+    from runner.ray_start import start_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start_ray(None, {"NPU": 4, EMULATED_RESOURCE: 8})

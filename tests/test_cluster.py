@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Runs in its own process: the test session already drives a single-node Ray.
 SCRIPT = r"""
 import json, sys
-from runner.pipeline import EMULATED_RESOURCE, bind_ray_to_loopback
+from runner.devices import EMULATED_RESOURCE
+from runner.ray_start import bind_ray_to_loopback
 bind_ray_to_loopback()
 import ray
 from ray.cluster_utils import Cluster

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,41 +16,12 @@ from conftest import tiny_classifier
 from runner.backends.emulated import batch_latency_ms, emulated_logits
 from runner.classes import class_table, short_name
 from runner.config import ConfigError, RunConfig
-from runner.devices import NodeInfo
-from runner.evaluation import run_evaluation
+from runner.evaluation import Evaluator, run_evaluation
 from runner.metrics import topk_indices
-from runner.pipeline import plan_batches, plan_shards
 from runner.preprocess import get_recipe, load_crop, to_tensor
-from runner.report import format_examples, write_outputs
+from runner.report import format_examples, format_table, write_outputs
 from runner.score import score_outputs
-
-
-def test_plan_batches_interleaves_shards_and_covers_everything():
-    batches = plan_batches([5, 3], 2)
-    assert [(b.shard, b.start, b.stop) for b in batches] == [
-        (0, 0, 2), (1, 0, 2), (0, 2, 4), (1, 2, 3), (0, 4, 5)]
-    assert [b.id for b in batches] == list(range(5))
-
-
-def test_plan_shards_keeps_each_hosts_images_on_that_host():
-    host1 = NodeInfo("id1", "host1", "h1", "10.0.0.1", cpus=4, devices=3)
-    host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=2, devices=1)
-    todo = [(i, f"img{i}.jpg") for i in range(100)]
-    planned = plan_shards(todo, [host1, host1, host1, host2], batch_size=4, workers=None)
-    by_node = {}
-    for node, shard, cpus in planned:
-        by_node.setdefault(node.name, []).append(shard)
-        assert 0 < cpus <= 1
-    # 3 of 4 devices on host1: 3/4 of the images, cut at a whole batch (19 x 4 = 76).
-    assert sum(map(len, by_node["host1"])) == 76 and sum(map(len, by_node["host2"])) == 24
-    assert len(by_node["host1"]) == 4 and len(by_node["host2"]) == 2  # one actor per core
-    assert [item for _, shard, _ in planned for item in shard] == todo  # each image once
-    assert all(len(shard) % 4 == 0 for shards in by_node.values() for shard in shards[:-1])
-
-    sizes = [len(shard) for _, shard, _ in planned]
-    batches = plan_batches(sizes, 4, [node.name for node, _, _ in planned])
-    assert sum(b.stop - b.start for b in batches if b.node == "host1") == 76
-    assert plan_shards(todo, [host1], 4, workers=1, cpu_inference=True)[0][2] == 1.0
+from runner.sweep import COLUMNS
 
 
 def test_onnxruntime_two_devices_score_every_image_once(ray_session, tiny_model, images64,
@@ -197,3 +171,63 @@ def test_emulated_latency_follows_the_guides_table():
     assert batch_latency_ms(16) == 95.2 and batch_latency_ms(1) == 8.29
     assert batch_latency_ms(12) == pytest.approx(48.4 + (95.2 - 48.4) * 4 / 8)
     assert batch_latency_ms(64) == pytest.approx(186.9 + (186.9 - 95.2) * 2)
+
+
+def test_a_batch_size_sweep_writes_the_guides_table(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-3",
+         "--batch-size", "1,4,16", "--pure-infer", "--rounds", "6", "--out", str(out),
+         "--no-progress"], env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["batch_size"] for r in rows] == [1, 4, 16]
+    assert all(set(r) == set(COLUMNS) for r in rows)
+    for r in rows:
+        perf = json.loads((out / f"bs{r['batch_size']}" / "perf.json").read_text())
+        assert r["measured_fps"] == perf["card"]["measured_fps"] and r["emulated"]
+        assert r["devices"] == 4 and len(r["per_chip_compute_fps"]) == 4
+        # The emulated chip sleeps the guide's latency per batch: p50 is at least that.
+        assert r["p50_batch_ms"] >= batch_latency_ms(r["batch_size"]) <= r["p99_batch_ms"]
+    with open(out / "sweep.csv", newline="") as f:
+        assert [int(row["batch_size"]) for row in csv.DictReader(f)] == [1, 4, 16]
+    assert (out / "sweep.png").stat().st_size > 0
+    table = proc.stdout[proc.stdout.index("== sweep"):].splitlines()
+    assert table[1].split()[:3] == ["batch", "one", "chip"]
+    assert [line.split()[0] for line in table[2:5]] == ["1", "4", "16"]
+    assert "EMULATED 310 latency model" in table[-2]
+
+
+def test_a_sweep_keeps_its_device_actors(ray_session, tmp_path):
+    with Evaluator() as evaluator:
+        results = [evaluator.run(RunConfig(backend="emulated", devices="0-1", batch_size=bs,
+                                           pure_infer=True, rounds=3, progress=False,
+                                           emulated_latency_ms=1.0, out=str(tmp_path / str(bs))),
+                                 keep_devices=True) for bs in (1, 2)]
+        pids = [sorted(d["pid"] for d in r.devices) for r in results]
+        assert pids[0] == pids[1]  # the same actors, warmed up again at the new size
+        other = evaluator.run(RunConfig(backend="emulated", devices="0-1", batch_size=2,
+                                        pure_infer=True, rounds=3, progress=False,
+                                        emulated_latency_ms=2.0, out=str(tmp_path / "o")))
+        assert sorted(d["pid"] for d in other.devices) != pids[0]  # another device setup
+    assert evaluator.devices == []
+    assert [r.batches_per_call for r in results] == [64, 64]  # 1 ms batches: the cap
+
+
+def test_driver_cost_is_reported_and_can_bound_the_run(ray_session, tmp_path):
+    # Free chips and one batch per call: nothing but the driver limits the card.
+    cfg = RunConfig(backend="emulated", devices="0-3", batch_size=1, pure_infer=True, rounds=40,
+                    batches_per_call=1, emulated_latency_ms=0.0, out=str(tmp_path / "r"),
+                    progress=False)
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, tmp_path / "r")
+    driver = perf["driver"]
+    assert driver["calls"] == 160 and driver["batches_per_call"] == 1
+    assert driver["cpu_s"] > 0 and 0 < driver["wall_share"] <= 2  # the process's threads
+    assert driver["cpu_s_per_1000_images"] == pytest.approx(1000 * driver["cpu_s"] / 160,
+                                                            rel=1e-3)
+    assert perf["stages"]["capacity_fps"]["orchestration"] == pytest.approx(
+        160 / result.outcome.cpu_s, rel=1e-3)
+    assert perf["stages"]["bound_by"] == "orchestration"
+    assert "bound by orchestration" in format_table(perf, None)

@@ -5,10 +5,11 @@ import os
 import pytest
 import ray
 
+from runner.actors import DeviceWorker
 from runner.backends import BackendOptions
 from runner.config import RunConfig
+from runner.devices import EMULATED_RESOURCE, device_actor_options, device_kind
 from runner.evaluation import _resolve_backend
-from runner.pipeline import EMULATED_RESOURCE, DeviceWorker, device_actor_options, device_kind
 
 
 def test_four_fake_npus_give_four_actors_each_its_own_chip(ray_session):
@@ -51,8 +52,9 @@ def test_device_workers_on_fake_npus_each_get_a_distinct_chip(ray_session, bind)
     """--devices all keeps Ray's assignment; named devices bind the chip the user named."""
     kind = device_kind("acl", "cpu")
     worker = ray.remote(DeviceWorker).options(**device_actor_options(kind))
-    actors = [worker.remote("emulated", None, str(i), i, BackendOptions(), "huawei", False,
-                            kind.visible_env, bind) for i in range(4)]
+    actors = [worker.remote(backend="emulated", model=None, device=str(i), device_id=i,
+                            options=BackendOptions(), recipe="huawei",
+                            visible_env=kind.visible_env, bind_chip=bind) for i in range(4)]
     infos = ray.get([a.describe.remote() for a in actors])
     assert sorted(i["device_id"] for i in infos) == [0, 1, 2, 3]
     assert len({i["ray_assigned"] for i in infos}) == 4  # Ray gave each its own NPU

@@ -15,16 +15,19 @@ import ray
 from conftest import write_images
 from PIL import Image
 
+from runner.actors import Device, Part, Payload
 from runner.backends.emulated import emulated_logits
 from runner.config import RunConfig
-from runner.devices import DeviceRef
+from runner.devices import DeviceRef, NodeInfo
+from runner.driver import DeviceState, Driver
 from runner.evaluation import run_evaluation
 from runner.metrics import topk_indices
-from runner.pipeline import DeviceState, drive, plan_batches
+from runner.planning import plan_batches
 from runner.preprocess import get_recipe, load_crop
 from runner.report import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = NodeInfo("local", "local", "localhost", "127.0.0.1", cpus=2, devices=1)
 
 
 def expected_top(folder, names):
@@ -55,6 +58,31 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     # the wire: then that batch moves too and is scored elsewhere (exactly once, checked above).
     assert dead["images"] == 4 if mode == "raise" else dead["images"] in (2, 4)
     assert perf["accuracy"]["not_scored"] == 0
+
+
+@pytest.mark.parametrize("mode", ["raise", "exit"])
+def test_a_call_whose_chip_fails_midway_is_rerun_elsewhere_and_scored_once(
+        ray_session, images64, tmp_path, mode):
+    folder, labels = images64
+    out = tmp_path / "run"
+    # bs1, 4 batches per call: chip 2 runs its first call (4 batches), then the first batch
+    # of its second call, and fails on that call's second batch (2 warm-up + 5 batches).
+    cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
+                    batch_size=1, batches_per_call=4, out=str(out), progress=False,
+                    emulated_latency_ms=5.0,
+                    backend_extra={"2": {"fault": {"after": 7, "mode": mode}}})
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, out)
+    assert journal_indices(out) == list(range(64))  # every image exactly once
+    assert np.array_equal(result.top, expected_top(folder, result.names))
+    dead = {d["id"]: d for d in perf["devices"]}["2"]
+    assert dead["failed_at_s"] is not None
+    # The batch it finished inside the failed call is not scored from there: the whole call
+    # moves (its first call's reply may be lost with the process when it exits).
+    assert dead["images"] == 4 if mode == "raise" else dead["images"] in (0, 4)
+    assert dead["moved_batches"] >= 4
+    assert perf["driver"]["batches_per_call"] == 4
+    assert perf["driver"]["calls"] < 64  # calls carried several batches
 
 
 def test_a_hung_chip_is_killed_while_its_peers_are_still_busy(ray_session, images64, tmp_path):
@@ -130,8 +158,8 @@ def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
                            capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
 
-    out = tmp_path / "crashed"
-    proc = subprocess.Popen(evaluate_cmd(folder, labels, out), env=env,
+    out = tmp_path / "crashed"  # 3 batches per call; the whole run chose its own call size
+    proc = subprocess.Popen(evaluate_cmd(folder, labels, out, "--batches-per-call", "3"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     journal = out / "journal.jsonl"
@@ -152,7 +180,8 @@ def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
     no_logits = subprocess.run(evaluate_cmd(folder, labels, out, "--resume", "--save-logits"),
                                env=env, capture_output=True, text=True)
     assert no_logits.returncode == 2 and "(save_logits changed)" in no_logits.stderr
-    resumed = subprocess.run(evaluate_cmd(folder, labels, out, "--resume"), env=env,
+    resumed = subprocess.run(evaluate_cmd(folder, labels, out, "--resume",
+                                          "--batches-per-call", "3"), env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "result.json").read_text() == (tmp_path / "whole" / "result.json").read_text()
@@ -288,25 +317,26 @@ def test_out_that_is_a_file_is_one_line(images64, tmp_path):
 
 
 @ray.remote
-def _slow_payload(delay_s: float, n: int) -> dict:
+def _slow_payload(delay_s: float, sizes: list[int]) -> Payload:
     time.sleep(delay_s)
-    return {"pixels": np.zeros((n, 1, 1, 3), np.uint8), "indices": np.arange(n),
-            "ready_at": time.time()}
+    parts = [Part(np.arange(n)) for n in sizes]
+    return Payload(np.zeros((sum(sizes), 1, 1, 3), np.uint8), parts, time.time())
 
 
 @ray.remote
 class _EchoDevice:
-    def infer(self, payload: dict, batch_id: int) -> dict:
-        return {"batch": batch_id, "n": len(payload["pixels"])}
+    def infer(self, payload: Payload, picks: list, keep_logits: bool) -> list:
+        return [(batch, len(payload.part_pixels(part))) for batch, part in picks]
 
 
 def test_slow_preprocessing_is_not_blamed_on_the_device(ray_session):
-    # Each batch takes 1.5 s to decode, three times the batch timeout: the device that waits
-    # for it is healthy and must stay, since a batch's clock starts once it is decoded.
-    device = DeviceState(DeviceRef(None, 0), _EchoDevice.remote(), {})
+    # Each call takes 1.5 s to decode, three times the batch timeout: the device that waits
+    # for it is healthy and must stay, since a call's clock starts once it is decoded.
+    device = DeviceState(Device(DeviceRef(None, 0), _EchoDevice.remote(), LOCAL))
     replies = []
-    outcome = drive([device], plan_batches([4], 2),
-                    submit_prep=lambda b: (_slow_payload.remote(1.5, b.stop - b.start), None),
-                    on_result=replies.append, batch_timeout_s=0.5)
+    outcome = Driver([device], plan_batches([4], 2),
+                     submit_prep=lambda call: (_slow_payload.remote(
+                         1.5, [b.stop - b.start for b in call]), None),
+                     on_replies=replies.extend, batch_timeout_s=0.5).run()
     assert device.alive and not outcome.given_up
-    assert sorted(r["batch"] for r in replies) == [0, 1]
+    assert sorted(replies) == [(0, 2), (1, 2)]

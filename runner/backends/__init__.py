@@ -46,7 +46,7 @@ class BackendOptions:
     threads: int = 1  # onnxruntime CPU: intra-op threads of this device's session
     cores: tuple[int, ...] = ()  # onnxruntime CPU: pin the session's threads to these cores
     provider: str = "cpu"  # onnxruntime: "cpu" | "cuda" | "cann"
-    precision: str = ""  # CANN precision_mode; onnxruntime "fp16" runs a converted model
+    precision: str = ""  # CANN precision_mode (--precision); refused for cpu/cuda
     emulated_latency_ms: float | None = None  # emulated: fixed ms per batch (else the table)
     extra: dict = field(default_factory=dict)
 
@@ -55,6 +55,7 @@ class Backend(Protocol):
     name: str  # "onnxruntime" | "acl" | "emulated"
     provider: str  # what really runs the model, e.g. "CPUExecutionProvider"
     emulated: bool  # True only for the latency model; reports label its figures
+    precision: str  # the arithmetic it really runs, as far as the host can tell
     input: InputSpec
     num_classes: int
 

@@ -48,6 +48,7 @@ class EmulatedBackend:
     name = "emulated"
     provider = "emulated Ascend 310 (latency model, no real chip)"
     emulated = True
+    precision = "emulated"
 
     def __init__(self, model: str | Path | dict | None, device_id: int, options: BackendOptions):
         size = int(options.extra.get("image_size", 300))

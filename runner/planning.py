@@ -1,0 +1,112 @@
+"""Planning without Ray: shards per preprocessing actor, model batches, and device calls.
+
+Three units, from the data's side to the device's:
+
+- a **shard** is the part of the image list one preprocessing actor owns (on one node);
+- a **batch** is what the model takes in one runtime call (``--batch-size`` images);
+- a **device call** carries one or more consecutive batches of one shard across Ray, which
+  the device actor runs back to back.  Calls are sized by device time, not by batch size,
+  so that Ray's per-call cost vanishes beside the work a call holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+from .devices import NodeInfo
+
+#: Device time one call should hold when the size is chosen automatically.  On this
+#: project's 2-core machine (EMULATED 310 chips, pure-infer, bs1: 8.3 ms per batch) the
+#: card's efficiency rose from 0.84 at one batch per call to 0.99 at ~75 ms per call and no
+#: further beyond (benchmarks/call_size.py); longer calls only coarsen load balancing.
+CALL_TARGET_S = 0.075
+#: Upper bound for automatically sized calls (a runtime measured as nearly free would
+#: otherwise put a whole shard in one call).
+MAX_BATCHES_PER_CALL = 64
+
+
+@dataclass(frozen=True)
+class Batch:
+    id: int
+    shard: int
+    start: int  # position range within the shard
+    stop: int
+    node: str = ""  # the node whose preprocessor owns the shard
+
+
+def batches_per_call(batch_s: float, target_s: float = CALL_TARGET_S) -> int:
+    """Batches a call needs to hold ``target_s`` of device time at ``batch_s`` per batch."""
+    if batch_s <= 0:
+        return MAX_BATCHES_PER_CALL
+    return max(1, min(MAX_BATCHES_PER_CALL, math.ceil(target_s / batch_s)))
+
+
+def plan_batches(
+    shard_sizes: list[int], batch_size: int, shard_nodes: list[str] | None = None,
+    block: int = 1,
+) -> list[Batch]:
+    """Batches of each shard, interleaved across shards in blocks of ``block`` batches.
+
+    Interleaving keeps every preprocessor busy; blocks keep the batches a call will carry
+    adjacent, so the driver forms a call by taking consecutive batches of one shard.
+    """
+    nodes = shard_nodes or [""] * len(shard_sizes)
+    per_shard = [
+        [(s, a, min(a + batch_size, size)) for a in range(0, size, batch_size)]
+        for s, size in enumerate(shard_sizes)
+    ]
+    order = []
+    for row in range(0, max((len(p) for p in per_shard), default=0), block):
+        for p in per_shard:
+            order += p[row : row + block]
+    return [Batch(i, s, a, b, nodes[s]) for i, (s, a, b) in enumerate(order)]
+
+
+def cut_points(total: int, weights: list[int], batch_size: int) -> list[int]:
+    """Split points of ``total`` items in proportion to ``weights``, at whole batches."""
+    acc = np.cumsum([0, *weights]) / max(1, sum(weights))
+    cuts = [min(total, int(round(a * total / batch_size)) * batch_size) for a in acc]
+    cuts[-1] = total
+    return cuts
+
+
+def default_workers(cores: int, cpu_inference: bool) -> int:
+    """Preprocessing actors for a node of ``cores`` cores.
+
+    Accelerators leave the host's cores to decoding: one actor per core.  CPU slices run
+    inference on those same cores, where decoding needs a small share (about 5 ms per image
+    against about 50 ms of EN-B3 inference per core) and every extra decoder preempts one
+    more inference thread at once, which is what stretches a batch: half the cores.
+    """
+    return max(1, cores // 2 if cpu_inference else cores)
+
+
+def plan_shards(
+    todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int, workers: int | None,
+    cpu_inference: bool = False,
+) -> list[tuple[NodeInfo, list[tuple[int, str]], float]]:
+    """(node, shard, CPUs per actor) for every preprocessing actor.
+
+    The image list is split across the devices' nodes in proportion to their device counts,
+    so each device's batches are decoded on its own host; each node's part is split across
+    ``workers`` actors (default: ``default_workers``).  Shards are cut at whole batches, so
+    only the last batch can be partial (fixed-batch .om files pad it).
+    """
+    unique = list({node.node_id: node for node in nodes}.values())
+    per_node = [sum(n.node_id == u.node_id for n in nodes) for u in unique]
+    planned = []
+    for node, (a, b) in zip(unique, pairwise(cut_points(len(todo), per_node, batch_size)),
+                            strict=True):
+        part = todo[a:b]
+        if not part:
+            continue
+        wanted = workers or default_workers(node.cpus, cpu_inference)
+        k = max(1, min(wanted, math.ceil(len(part) / batch_size)))
+        cpus = min(1.0, max(node.cpus, 1) / k)
+        planned += [(node, part[x:y], cpus)
+                    for x, y in pairwise(cut_points(len(part), [1] * k, batch_size)) if y > x]
+    return planned
