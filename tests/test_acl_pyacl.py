@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 
 from runner.backends import BackendError, BackendOptions
-from runner.backends.acl import (
-    DEFAULT_PRECISION,
-    MIN_CANN,
-    AclBackend,
-    cann_visible_ids,
-    place,
-)
+from runner.backends.acl import DEFAULT_PRECISION, AclBackend
+from runner.backends.acl_devices import cann_visible_ids, place
+from runner.backends.acl_pyacl import MIN_CANN
 from tests.fake_acl import ACL_DEVICE, D2D, FakeAcl, FakeOm, expected, images, om_files
 
 OPTS = BackendOptions()
