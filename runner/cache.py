@@ -14,8 +14,9 @@ on to their own record file as they go, and the driver calls ``finalize()`` at t
 Only ``finalize`` writes ``manifest.json`` (atomically), after checking that every index is
 stored or a recorded error.  A cache without a valid manifest (a crashed or resumed run) is
 never read: the next ``open`` rebuilds it from scratch.  Caches of other keys are never
-touched (delete old ``DIR/<key>`` folders by hand); ``DIR/<key>.lock`` is the build lock,
-released when the building driver finalizes, closes or dies.
+touched (delete old ``DIR/<key>`` folders by hand); ``DIR/<key>.lock`` is the build lock
+(``runner.runlock``'s, with the builder's holder line), released when the building driver
+finalizes, closes or dies.
 
 The directory must be the same path on every node that runs a preprocessing actor (one
 host, or a shared filesystem).
@@ -24,7 +25,6 @@ host, or a shared filesystem).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +38,7 @@ import numpy as np
 import PIL
 
 from .preprocess import Recipe
+from .runlock import BusyError, FileLock, LockError
 
 #: Bump when the file layout or the meaning of its bytes changes.
 FORMAT_VERSION = 1
@@ -77,7 +78,7 @@ class CropCache:
         self.key = key
         self.complete = False
         self.errors: dict[int, str] = {}  # index -> reason, filled once complete
-        self._lock: int | None = None  # build lock fd, held by the driver only
+        self._lock: FileLock | None = None  # build lock, held by the driver only
         self._crops: np.memmap | None = None
 
     # ------------------------------------------------------------------ opening
@@ -86,8 +87,9 @@ class CropCache:
     def open(cls, root: str | Path, recipe: Recipe, count: int, fingerprint: str) -> CropCache:
         """A complete cache to read, or an empty one (partial data erased) to build.
 
-        Raises ``CacheBusyError`` when another live run is building the same cache and
-        ``CacheError`` when the disk cannot hold it.
+        Raises ``CacheBusyError`` (naming the builder) when another live run is building the
+        same cache, and ``CacheError`` when the disk cannot hold it or its filesystem refuses
+        locks.
         """
         if count < 1:
             raise ValueError("a crop cache needs at least one image")
@@ -96,16 +98,17 @@ class CropCache:
         cache = cls(root / key, recipe, count, key)
         if cache._load_manifest():
             return cache
-        root.mkdir(parents=True, exist_ok=True)
-        lock = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock)
-            raise CacheBusyError(
-                f"--cache: {cache.directory} is being built by another run"
-            ) from None
-        cache._lock = lock
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"--cache: cannot create {root}: {exc.strerror}") from None
+        try:
+            cache._lock = FileLock.acquire(root / f"{key}.lock", "--cache",
+                                           f"{cache.directory} is being built by another run")
+        except BusyError as exc:
+            raise CacheBusyError(str(exc)) from None
+        except LockError as exc:
+            raise CacheError(str(exc)) from None
         try:
             if cache._load_manifest():  # another run finished it since our first look
                 cache.close()
@@ -246,7 +249,7 @@ class CropCache:
     def close(self) -> None:
         """Release the build lock (a crashed driver releases it by exiting)."""
         if self._lock is not None:
-            os.close(self._lock)
+            self._lock.release()
             self._lock = None
 
 

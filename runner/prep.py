@@ -3,7 +3,8 @@
 Drop-in for the guide's ``imagenet_torch_preprocess.py`` (+ ``gen_dataset_info.py bin``) for
 tools that need files on disk: the same bytes (``reference_tensor(...).tofile``, raw CHW
 float32), but in parallel Ray tasks with a progress bar, and without swallowing errors:
-every failed image is listed at the end and in ``OUT/prep_errors.csv``.
+every failed image is listed at the end and in ``OUT/prep_errors.csv``.  OUT has one writer
+at a time (``runner.runlock``): a second prep into it exits 2 naming the first.
 
 Exit codes: 0 all written, 2 bad arguments, 4 some images failed (the others are written).
 """
@@ -20,9 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .dataset import DatasetError, load_dataset
+from .dataset import Dataset, DatasetError, load_dataset
 from .devices import cpu_slots
 from .preprocess import RECIPES, ImageError, get_recipe, reference_tensor
+from .runlock import hold_run_folder
 
 ERRORS_CSV = "prep_errors.csv"
 #: At most this many images per Ray task: small enough for a live progress bar.
@@ -125,15 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be at least 1, not {args.limit}")
         dataset = load_dataset(args.images, None, args.limit)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"OUT: {out} is not a directory")
-        out.mkdir(parents=True, exist_ok=True)
         if args.info and Path(args.info).is_dir():
             raise ValueError(f"--info: {args.info} is a directory")
+        lock = hold_run_folder(out, "OUT")  # one writer per folder, until everything is written
     except (ValueError, DatasetError, OSError) as exc:
         print(f"prep: error: {exc}", file=sys.stderr)
         return 2
+    with lock:
+        return write_all(args, dataset, out)
 
+
+def write_all(args: argparse.Namespace, dataset: Dataset, out: Path) -> int:
+    """The ``.bin`` files, ``prep_errors.csv`` and the ``.info`` list; the exit code."""
     jobs, failed = plan([dataset.path(i) for i in range(len(dataset))], out)
     failed += run_jobs(jobs, args.recipe, args.workers)
     failed.sort()

@@ -4,6 +4,12 @@ import json
 import multiprocessing
 import os
 import pickle
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +180,40 @@ def test_new_file_is_sparse(tmp_path):
     assert crops_file.stat().st_size == cache.nbytes == 1000 * 300 * 300 * 3 * 4
     assert crops_file.stat().st_blocks * 512 < 1_000_000
     cache.close()
+
+
+BUILDER = textwrap.dedent(f"""
+    import sys, time
+    from runner.cache import CropCache
+    from runner.preprocess import get_recipe
+    cache = CropCache.open(sys.argv[1], get_recipe("huawei"), {N}, "{FP}")
+    assert not cache.complete
+    print("building", flush=True)
+    time.sleep(120)
+""")
+
+
+def test_a_cache_another_process_builds_is_not_read_until_that_process_ends(tmp_path):
+    builder = subprocess.Popen([sys.executable, "-c", BUILDER, str(tmp_path)],
+                               cwd=Path(__file__).resolve().parents[1],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert builder.stdout.readline() == "building\n"
+        with pytest.raises(CacheBusyError) as busy:
+            CropCache.open(tmp_path, HUAWEI, N, FP)
+        key = cache_key(HUAWEI, N, FP)
+        message = str(busy.value)
+        assert "\n" not in message
+        assert message.startswith(f"--cache: {tmp_path / key} is being built by another run "
+                                  f"(pid {builder.pid} on {socket.gethostname()}, started ")
+    finally:
+        builder.send_signal(signal.SIGKILL)  # dies mid-build, without closing anything
+        builder.wait()
+        builder.stdout.close()
+    cache = CropCache.open(tmp_path, HUAWEI, N, FP)  # the kernel dropped its lock
+    assert not cache.complete  # its partial cache is rebuilt, never read
+    build_rest = cache.writer()
+    for i, crop in enumerate(crops(HUAWEI)):
+        build_rest.put(i, crop)
+    build_rest.close()
+    assert cache.finalize()

@@ -4,6 +4,9 @@ import csv
 import glob
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from conftest import VAL_ORIG, needs_val_orig
 from PIL import Image
 
 from runner.prep import main
+from runner.runlock import LOCK_NAME
 
 # Real images that cover the geometry: int() truncation (500x333 -> 513), portrait upscale
 # (251x333), grayscale, portrait downscale.
@@ -111,3 +115,34 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, problem):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("prep: error:")
     assert "Traceback" not in err
+
+
+HOLD_OUT = """
+import sys, time
+from runner.runlock import hold_run_folder
+lock = hold_run_folder(sys.argv[1], "OUT")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_prep_into_a_held_out_exits_2_naming_the_first(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    Image.new("RGB", (400, 350)).save(images / "a.JPEG")
+    first = subprocess.Popen([sys.executable, "-c", HOLD_OUT, str(out)],
+                             cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "held\n"
+        assert main([str(images), str(out)]) == 2
+    finally:
+        first.kill()
+        first.wait()
+        first.stdout.close()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"prep: error: OUT: {out} is in use by another run (pid {first.pid} "
+                          f"on {socket.gethostname()}, started ")
+    assert err.rstrip().endswith("wait for it to end or choose another OUT")
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
