@@ -46,7 +46,6 @@ class RunFolder:
     top: np.ndarray  # [n, 5] class indices as the model wrote them (1001-way: background 0)
     num_classes: int
     environment: dict[str, Any]  # perf.json's environment, {} without perf.json
-    order: np.ndarray | None = None  # predictions.csv rows in this order (set by align)
 
     @property
     def offset(self) -> int:
@@ -57,30 +56,43 @@ class RunFolder:
                                    self.num_classes)
 
     def logit_rows(self) -> np.ndarray | None:
-        """Row of logits.npy for each image (rows are image indices, i.e. the journal's),
-        or None when the run kept no logits."""
+        """Row of logits.npy for each image, or None when the run kept no logits.
+
+        Rows are image indices, and an image's index is its place among the run's files in
+        sorted order (README, "What a run writes"): the scored ones (predictions.csv) and the
+        unscored ones that have an index (errors.csv).  The journal, which records each
+        batch's indices with their top-5, must confirm every one of them."""
         path = self.path / "logits.npy"
         if not (self.header.get("save_logits") and path.exists()):
             return None
-        top_by_index: dict[int, list[int]] = {}
+        unscored: dict[str, int] = {}
+        errors = self.path / "errors.csv"
+        if errors.exists():
+            try:
+                with open(errors, newline="") as f:
+                    unscored = {r["image"]: int(r["index"]) for r in csv.DictReader(f)
+                                if int(r["index"]) >= 0}
+            except (KeyError, ValueError) as exc:
+                raise CompareError(f"{errors}: unexpected content ({exc})") from None
+        position = {n: i for i, n in enumerate(sorted(set(self.names) | set(unscored)))}
+        recorded: dict[int, list[int]] = {}
         for record in _journal(self.path)[1:]:
-            for i, row in zip(record.get("indices", []), record.get("top", []), strict=True):
-                top_by_index[int(i)] = row
-        indices = np.array(sorted(top_by_index), dtype=np.int64)
-        # predictions.csv lists the scored images in index order: check that it is this one.
-        if len(indices) != len(self.names) or any(
-                top_by_index[int(i)][:TOPK] != row for i, row in zip(indices, self.top.tolist(),
-                                                                      strict=True)):
-            raise CompareError(f"{self.path}: journal.jsonl and predictions.csv disagree; "
-                               "cannot match its logits to images")
-        return indices if self.order is None else indices[self.order]
+            for i, top in zip(record.get("indices", []), record.get("top", []), strict=True):
+                recorded[int(i)] = top[:TOPK]
+        indices = np.array([position[n] for n in self.names], dtype=np.int64)
+        if any(position[n] != i for n, i in unscored.items()) or any(
+                recorded.get(int(i)) != top for i, top in zip(indices, self.top.tolist(),
+                                                              strict=True)):
+            raise CompareError(f"{self.path}: journal.jsonl, predictions.csv and errors.csv "
+                               "disagree on which image is which; cannot match its logits")
+        return indices
 
     def reordered(self, names: list[str]) -> RunFolder:
         """The same run with its images in the order of ``names`` (the same set)."""
         position = {name: i for i, name in enumerate(self.names)}
         order = np.array([position[n] for n in names], dtype=np.int64)
         return RunFolder(self.path, self.header, list(names), self.labels[order],
-                         self.top[order], self.num_classes, self.environment, order)
+                         self.top[order], self.num_classes, self.environment)
 
 
 def _journal(folder: Path) -> list[dict[str, Any]]:
@@ -133,7 +145,10 @@ def _num_classes(folder: Path) -> int:
     """Classes of the model's output: logits.npy's width, else result.json's figure."""
     logits = folder / "logits.npy"
     if logits.exists():
-        return int(np.load(logits, mmap_mode="r").shape[1])
+        try:
+            return int(np.load(logits, mmap_mode="r").shape[1])
+        except (ValueError, IndexError) as exc:
+            raise CompareError(f"{logits} is not a [images, classes] array ({exc})") from None
     try:
         values = json.loads((folder / "result.json").read_text())["value"]
         return int(next(v["value"] for v in values if v["key"] == "Number of classes"))
@@ -309,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     from .compare_report import format_summary, write_files  # matplotlib only when writing
 
     args = build_parser().parse_args(argv)
+    if args.min_agreement is not None and not 0 <= args.min_agreement <= 1:
+        print(f"compare: error: --min-agreement is a share from 0 to 1, got "
+              f"{args.min_agreement:g}", file=sys.stderr)
+        return 2
     try:
         result = compare(load_run(args.run_a), load_run(args.run_b))
         out = Path(args.out)
