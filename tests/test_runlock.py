@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,17 +37,24 @@ HOLD = textwrap.dedent("""
 TRY = "import sys; from runner.runlock import hold_run_folder; hold_run_folder(sys.argv[1])"
 
 
-@pytest.fixture
-def holder(tmp_path):
-    """Another process that holds ``tmp_path/run`` until it is killed."""
-    folder = tmp_path / "run"
+@contextmanager
+def holding(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process that holds ``folder`` until it is killed (at the latest on exit)."""
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "held\n"
-    yield folder, proc
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+@pytest.fixture
+def holder(tmp_path):
+    with holding(tmp_path / "run") as proc:
+        yield tmp_path / "run", proc
 
 
 def try_in_another_process(folder: Path) -> subprocess.CompletedProcess:
