@@ -3,7 +3,8 @@
 Images are the files of ``--images`` with an image extension, sorted by name; an image's
 index is its position in that order.  Problems are collected, never raised one by one:
 an image without a label and a labelled image whose file is missing are recorded as
-per-image errors and the run goes on.
+per-image errors and the run goes on.  A labels file that cannot be trusted (a malformed or
+conflicting row, a class the model does not have) stops the run instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import image_key, read_labels
+from .metrics import LabelFile, image_key, read_labels
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -36,6 +37,7 @@ class Dataset:
     names: list[str]  # file names, index = position
     labels: list[int] | None  # per index, None when no labels file
     issues: list[ImageIssue] = field(default_factory=list)
+    label_file: LabelFile | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -55,6 +57,14 @@ class Dataset:
             except OSError:
                 h.update(b"?\0")
         return h.hexdigest()[:16]
+
+    def check_label_range(self, num_classes: int) -> None:
+        """Raise ``LabelError`` if any row of the labels file names a class outside the
+        model's range: only the devices know the class count, so this runs once they are up.
+        The whole file is checked, not only this run's images: one such row means the file
+        does not belong to this model (1-based, another class order)."""
+        if self.label_file is not None:
+            self.label_file.check_range(num_classes)
 
 
 def load_dataset(
@@ -77,7 +87,8 @@ def load_dataset(
     if labels is None:
         return Dataset(root, names, None)
 
-    table = read_labels(labels)
+    label_file = read_labels(labels)
+    table = label_file.classes
     issues: list[ImageIssue] = []
     kept: list[str] = []
     kept_labels: list[int] = []
@@ -96,4 +107,4 @@ def load_dataset(
         ]
     if not kept:
         raise DatasetError(f"--images: no image in {root} has a label in {labels}")
-    return Dataset(root, kept, kept_labels, issues)
+    return Dataset(root, kept, kept_labels, issues, label_file)

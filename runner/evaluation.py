@@ -210,11 +210,13 @@ class Evaluator:
             for device in self.devices:
                 check_input(device.info, plan.recipe, cfg.model)
             batch_s = actors.warm_up(self.devices, cfg.batch_size)
+            if plan.dataset is not None:
+                plan.dataset.check_label_range(self.devices[0].info["num_classes"])
         except BaseException:
             for line in self.close():
                 log.warning("%s", line)
             raise
-        per_call = cfg.batches_per_call or planning.batches_per_call(batch_s)
+        per_call = cfg.batches_per_call or planning.batches_per_call(batch_s, cfg.batch_size)
         return Started(plan, [DeviceState(d) for d in self.devices],
                        self.devices[0].info["num_classes"], per_call, batch_s)
 

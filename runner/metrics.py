@@ -1,8 +1,11 @@
-"""Top-k scoring with the guide's exact rules (REFERENCE.md section 5)."""
+"""Top-k scoring with the guide's exact rules (REFERENCE.md section 5), and the labels file
+it scores against (the one reader every data source and ``runner.score`` share)."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,7 @@ TOPK = 5
 
 
 class LabelError(ValueError):
-    """A labels file that cannot be read; the message names the file and line."""
+    """A labels file that cannot be trusted; the message names the file and line."""
 
 
 def image_key(file_name: str) -> str:
@@ -20,28 +23,81 @@ def image_key(file_name: str) -> str:
     return Path(file_name).name.split(".", 1)[0]
 
 
-def read_labels(path: str | Path) -> dict[str, int]:
-    """``val_label.txt`` (``ILSVRC2012_val_00000001.JPEG 65``) -> {image key: class index}."""
+# ASCII digits only: int() would also take other scripts' digits ("\u0663" is 3).
+_CLASS_INDEX = re.compile(r"[+-]?[0-9]+")
+
+
+@dataclass(frozen=True)
+class LabelFile:
+    """A labels file as read: each image's class and the line it came from, so that a check
+    made later (the class range, once the model is known) can name the row at fault."""
+
+    path: Path
+    classes: dict[str, int]  # image key -> class index
+    lines: dict[str, int]  # image key -> line number of its (first) row
+
+    def check_range(self, num_classes: int) -> None:
+        """Every class must be one the model can score, 0..N-1 with N = num_classes minus the
+        background index; a label outside it would be counted as a silent wrong answer."""
+        offset = label_offset(num_classes)
+        n = num_classes - offset
+        bad = [(line, key) for key, line in self.lines.items() if not 0 <= self.classes[key] < n]
+        if not bad:
+            return
+        line, key = min(bad)
+        model = f"a {num_classes}-class model" + (" (index 0 is background)" if offset else "")
+        hint = ""
+        if min(self.classes.values()) >= 1 and max(self.classes.values()) <= n:
+            hint = (f"; every label lies in 1..{n} and none is 0: the file looks 1-based (the "
+                    "ILSVRC devkit's ground truth is, and its class order differs too)")
+        raise LabelError(f"labels file {self.path}:{line}: class {self.classes[key]} is outside "
+                         f"0..{n - 1}, the valid classes for {model}{hint}")
+
+
+def read_labels(path: str | Path) -> LabelFile:
+    """``val_label.txt`` (``ILSVRC2012_val_00000001.JPEG 65`` per line) -> its ``LabelFile``.
+
+    UTF-8 with or without a byte-order mark (spreadsheet exports write one), any line ending;
+    the class is the last field, so image names may contain spaces. An image listed twice
+    with one class is one label; with two classes it is an error naming both lines.
+    """
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise LabelError(f"labels file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LabelError(f"cannot read labels file {path}: {exc}") from None
-    labels: dict[str, int] = {}
+    except OSError as exc:
+        raise LabelError(f"cannot read labels file {path}: {exc.strerror}") from None
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise LabelError(f"labels file {path} is UTF-16; save it as UTF-8")
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = body[: exc.start].count(b"\n") + 1
+        raise LabelError(f"labels file {path}:{lineno}: not UTF-8 (byte "
+                         f"{body[exc.start]:#04x}); save the file as UTF-8") from None
+    classes: dict[str, int] = {}
+    lines: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
+        fields = line.rsplit(None, 1)
+        if not fields:
             continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        if len(fields) != 2 or not _CLASS_INDEX.fullmatch(fields[1]):
             raise LabelError(
-                f"labels file {path}:{lineno}: expected '<image> <class>', got {line!r}"
+                f"labels file {path}:{lineno}: expected '<image> <class index>', got {line!r}"
             )
-        labels[image_key(parts[0])] = int(parts[1])
-    if not labels:
+        key, value = image_key(fields[0].strip()), int(fields[1])
+        if key not in classes:
+            classes[key], lines[key] = value, lineno
+        elif classes[key] != value:
+            raise LabelError(
+                f"labels file {path}:{lineno}: {key} is class {value} here but class "
+                f"{classes[key]} on line {lines[key]}"
+            )
+    if not classes:
         raise LabelError(f"labels file {path} holds no labels")
-    return labels
+    return LabelFile(path, classes, lines)
 
 
 def topk_indices(logits: np.ndarray, k: int = TOPK) -> np.ndarray:

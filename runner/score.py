@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import numpy as np
 from runner.metrics import (
     Accuracy,
     LabelError,
+    LabelFile,
     hit_ranks,
     image_key,
     read_labels,
@@ -67,18 +67,20 @@ def _candidate_files(root: Path) -> list[Path]:
 
 
 def score_outputs(
-    dir: str | Path, labels: str | Path | Mapping[str, int]
+    dir: str | Path, label_file: str | Path | LabelFile
 ) -> tuple[Accuracy, list[tuple[str, str]]]:
     """Accuracy over the outputs under ``dir`` plus (file, reason) for every file skipped.
 
-    ``labels`` is a ``val_label.txt`` path or the dict ``read_labels`` gives. Files whose class
+    ``label_file`` is a ``val_label.txt`` path or what ``read_labels`` gives. Files whose class
     count differs from the most common one are skipped, as is a second output for one image.
+    That count is the model's: a label outside its range raises ``LabelError``.
     """
     root = Path(dir)
     if not root.is_dir():
         raise ScoreError(f"{root} is not a directory")
-    if not isinstance(labels, Mapping):
-        labels = read_labels(labels)
+    if not isinstance(label_file, LabelFile):
+        label_file = read_labels(label_file)
+    labels = label_file.classes
     skipped: list[tuple[str, str]] = []
     found: list[tuple[str, str, int, np.ndarray]] = []  # name, key, classes, top-k row
     for path in _candidate_files(root):
@@ -115,6 +117,7 @@ def score_outputs(
             f"no output file could be scored in {root} (expected <image>_1.txt|bin or "
             f"<image>_0.bin|npy|txt, or {DEVICE_DIRS} folders holding them)"
         )
+    label_file.check_range(num_classes)
     truth = np.array([labels[key] for key in scored])
     ranks = hit_ranks(np.stack(tops), truth, num_classes)
     return Accuracy.from_ranks(ranks, num_classes), sorted(skipped)
