@@ -1,6 +1,6 @@
 import numpy as np
 
-from runner.metrics import Accuracy, hit_ranks, image_key, read_labels, topk_indices
+from runner.metrics import Accuracy, hit_ranks, topk_indices
 
 GUIDE_RESULT = (
     '{"title": "Overall statistical evaluation", "value": [{"key": "Number of images", "value":'
@@ -38,10 +38,3 @@ def test_hit_ranks_and_cumulative_accuracy():
     assert acc.topk == (0.25, 0.25, 0.25, 0.25, 0.5)
     # 1001-way outputs: background at 0, so label c sits at index c + 1.
     assert hit_ranks(top, labels - 1, 1001).tolist() == [0, 4, -1, -1]
-
-
-def test_read_labels_keys_by_name_before_first_dot(tmp_path):
-    f = tmp_path / "val_label.txt"
-    f.write_text("ILSVRC2012_val_00000001.JPEG 65\n\nILSVRC2012_val_00000002.JPEG 970\n")
-    assert read_labels(f) == {"ILSVRC2012_val_00000001": 65, "ILSVRC2012_val_00000002": 970}
-    assert image_key("dir/ILSVRC2012_val_00000001_1.txt") == "ILSVRC2012_val_00000001_1"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.metrics import Accuracy, hit_ranks, read_labels, topk_indices
+from runner.metrics import Accuracy, LabelFile, hit_ranks, read_labels, topk_indices
 from runner.score import ScoreError, score_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +170,49 @@ def test_stray_and_bad_files_are_listed_not_fatal(tmp_path):
 def test_nothing_scorable_raises(tmp_path):
     (tmp_path / "README").write_text("x")
     with pytest.raises(ScoreError, match="no output file could be scored"):
-        score_outputs(tmp_path, {"a": 1})
+        score_outputs(tmp_path, LabelFile(tmp_path / "val_label.txt", {"a": 1}, {"a": 1}))
+
+
+def test_bom_crlf_labels_and_spaced_names_score_like_the_clean_file(tmp_path):
+    """The labels file as a Windows spreadsheet export writes it, and an image whose name
+    holds spaces (its output ``my image 3_1.txt``), read by the runner's one reader."""
+    out, labels = tmp_path / "out", tmp_path / "val_label.txt"
+    expected = _outputs(out, labels)
+    spaced = "my image 3"
+    (out / f"{_stem(2)}_1.txt").rename(out / f"{spaced}_1.txt")
+    rows = labels.read_text().replace(f"{_stem(2)}.JPEG", f"{spaced}.JPEG")
+    labels.write_bytes(codecs.BOM_UTF8 + rows.replace("\n", "\r\n").encode())
+    acc, skipped = score_outputs(out, labels)
+    assert (acc.to_guide_json(), skipped) == (expected, [])
+
+
+@pytest.mark.parametrize("num_classes, line, message", [
+    (1000, "1000", "class 1000 is outside 0..999, the valid classes for a 1000-class model"),
+    (1001, "-1", "class -1 is outside 0..999, the valid classes for a 1001-class model "
+                 "(index 0 is background)"),
+])
+def test_cli_refuses_a_label_outside_the_outputs_classes(tmp_path, num_classes, line, message):
+    """The class count is the outputs' width; the bad row needs no output of its own (a 0
+    row: the file is not 1-based, see tests/test_labels.py for that hint)."""
+    out, labels = tmp_path / "out", tmp_path / "val_label.txt"
+    _outputs(out, labels, _benchmark_bin, num_classes)
+    labels.write_text(labels.read_text() + f"zero.JPEG 0\nunscored.JPEG {line}\n")
+    proc = _cli(out, labels, tmp_path / "result.json")
+    assert proc.returncode == 2
+    assert proc.stderr == f"score: error: labels file {labels}:{N + 2}: {message}\n"
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_cli_refuses_a_conflicting_duplicate_label(tmp_path):
+    out, labels = tmp_path / "out", tmp_path / "val_label.txt"
+    _outputs(out, labels)
+    first = labels.read_text().splitlines()[0].split()
+    other = (int(first[1]) + 1) % 1000
+    labels.write_text(labels.read_text() + f"{first[0]} {other}\n")
+    proc = _cli(out, labels, tmp_path / "result.json")
+    assert proc.returncode == 2
+    assert proc.stderr == (f"score: error: labels file {labels}:{N + 1}: {_stem(0)} is class "
+                           f"{other} here but class {first[1]} on line 1\n")
 
 
 @pytest.mark.parametrize("case", ["missing dir", "missing labels", "only strays"])
