@@ -7,7 +7,7 @@ speed-up over the one-chip run, and the driver's CPU share.  Every batch travels
 device actor like real data.  Each run lasts about ``--seconds`` of device time (rounds =
 seconds / the chip's batch latency), so that start-up ramps weigh the same at every size.
 ``--baseline`` adds runs with one batch per device call (the design before calls were sized
-by device time) beside the default ones.
+by device time) beside the default ones, where the default chose more than one.
 
     python benchmarks/emulated_card.py [--seconds 3] [--baseline]
 """
@@ -58,8 +58,10 @@ def main() -> None:
     with Evaluator() as evaluator:  # actors kept across batch sizes, as a sweep does
         for n in chips:
             for bs in sizes:
-                for per_call in ([1, None] if args.baseline else [None]):
+                for per_call in ([None, 1] if args.baseline else [None]):
                     card = run(evaluator, n, bs, args.seconds, per_call)
+                    if per_call == 1 and rows[-1]["per_call"] == 1:
+                        continue  # the call size chosen was one batch already
                     one = next((r for r in rows if (r["batch"], r["chips"], r["per_call"]) == (
                         bs, chips[0], card["per_call"])), None)
                     rows.append({

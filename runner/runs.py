@@ -52,7 +52,11 @@ def run_pure_infer(run: Started) -> RunResult:
         pixels = rng.standard_normal(shape, dtype=np.float32)
     parts = [actors.Part(np.arange(cfg.batch_size))] * run.batches_per_call
     payload = ray.put(actors.Payload(pixels, parts, None, tensor=True))
-    batches = planning.plan_batches([cfg.batch_size * cfg.rounds * len(run.devices)],
+    # Put once, before the clock starts: one untimed call per device brings the payload to
+    # its node (a second node would otherwise pull it inside the first timed call).
+    ray.get([d.device.actor.infer.remote(payload, [(-1, 0)], False) for d in run.devices])
+    rounds = cfg.rounds or planning.pure_infer_rounds(run.batch_s)
+    batches = planning.plan_batches([cfg.batch_size * rounds * len(run.devices)],
                                     cfg.batch_size)
     stats: list[BatchStat] = []
     bar = tqdm(total=len(batches) * cfg.batch_size, unit="img", disable=not cfg.progress,

@@ -6,7 +6,14 @@ from itertools import pairwise
 from runner.actors import Device
 from runner.devices import DeviceRef, NodeInfo
 from runner.driver import DeviceState, Driver
-from runner.planning import MAX_BATCHES_PER_CALL, batches_per_call, plan_batches, plan_shards
+from runner.planning import (
+    MAX_BATCHES_PER_CALL,
+    MAX_IMAGES_PER_CALL,
+    batches_per_call,
+    plan_batches,
+    plan_shards,
+    pure_infer_rounds,
+)
 
 HOST = NodeInfo("id1", "host1", "h1", "10.0.0.1", cpus=4, devices=4)
 
@@ -46,10 +53,11 @@ def test_plan_shards_keeps_each_hosts_images_on_that_host():
 
 
 def test_calls_hold_about_75_ms_of_device_time():
-    assert batches_per_call(0.0083) == 10  # EMULATED 310, bs1: 8.3 ms per batch
-    assert batches_per_call(0.0952) == 1  # bs16: 95 ms, already enough
-    assert batches_per_call(0.5) == 1
-    assert batches_per_call(1e-6) == batches_per_call(0.0) == MAX_BATCHES_PER_CALL
+    assert batches_per_call(0.0083, 1) == 10  # EMULATED 310, bs1: 8.3 ms per batch
+    assert batches_per_call(0.0952, 16) == 1  # bs16: 95 ms, already enough
+    assert batches_per_call(0.5, 1) == 1
+    assert batches_per_call(1e-6, 1) == batches_per_call(0.0, 1) == MAX_BATCHES_PER_CALL
+    assert batches_per_call(0.002, 16) == MAX_IMAGES_PER_CALL // 16  # 2 ms: 38, capped at 256
 
 
 def _driver(batches, devices=4, per_call=8, in_flight=2):
@@ -82,3 +90,9 @@ def test_a_call_never_spans_two_shards_or_a_gap():
     queue.appendleft(queue.pop())  # (1, 2) now precedes (1, 0): not consecutive
     assert [(b.shard, b.start) for b in driver.form_call(queue).batches] == [(1, 2)]
     assert isinstance(queue, deque) and len(queue) == 2
+
+
+def test_pure_infer_lasts_a_few_seconds_of_device_time_by_default():
+    assert pure_infer_rounds(0.0083) == 362  # EMULATED 310, bs1: 3 s / 8.3 ms
+    assert pure_infer_rounds(0.0952) == 50  # bs16: 50 rounds already last 4.8 s
+    assert pure_infer_rounds(0.0) == 50
