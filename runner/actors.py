@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .backends import BackendOptions, open_backend
+from .binding import bind_device
 from .cache import CropCache
 from .config import ConfigError, RunConfig
 from .devices import DeviceKind, DeviceRef, NodeInfo, device_actor_options
@@ -153,12 +154,10 @@ class DeviceWorker:
         options: BackendOptions, recipe: str, visible_env: str | None = None,
         bind_chip: bool = False,
     ):
-        assigned = os.environ.get(visible_env) if visible_env else None
-        if visible_env and bind_chip:
-            # Bind the chip the user named; Ray's resource only counts and places.
-            os.environ[visible_env] = str(device_id)
-        elif assigned:
-            device_id = int(assigned.split(",")[0])  # --devices all: the chip Ray gave us
+        # Named: the node's device_id-th chip; --devices all: the chip Ray reserved. The runtime
+        # sees only that chip (runner/binding.py).
+        binding = bind_device(device_id, visible_env, named=bind_chip)
+        device_id, assigned = binding.device_id, binding.ray_assigned
         self.device = device
         self.recipe = get_recipe(recipe)
         self.runtime = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runtime")
@@ -169,6 +168,7 @@ class DeviceWorker:
             "device": device,
             "device_id": device_id,
             "ray_assigned": assigned,
+            "chip": binding.chip, "node_index": binding.index,
             "host": socket.gethostname(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),

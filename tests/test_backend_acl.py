@@ -206,10 +206,20 @@ def test_ascend_rt_visible_devices(env, tmp_path, visible, device_id, logical):
 
 
 def test_logical_device():
-    assert logical_device(3, None) == 3
-    assert logical_device(3, "") == 3
-    assert logical_device(3, "1, 3") == 1
-    assert logical_device(0, "6") == 0
+    npu, cuda = "ASCEND_RT_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"
+    assert logical_device(3, None, npu) == 3
+    assert logical_device(3, "", npu) == 3
+    assert logical_device(3, "1,3", npu) == 1
+    assert logical_device(3, "1, 3", cuda) == 1
+    assert logical_device(1, "GPU-2c9a07", cuda) == 0  # the actor narrowed it to a UUID
+
+
+@pytest.mark.parametrize("visible", ["1, 3", "6"])
+def test_logical_device_never_falls_back_to_another_chip(visible):
+    """CANN stops reading at the first space: "1, 3" shows it chip 1 only, so chip 3 is not
+    logical 1 (before: 1, chip 1 driven); a list without the chip is not its first entry."""
+    with pytest.raises(BackendError, match="ASCEND_RT_VISIBLE_DEVICES=.*chip 3 is not among"):
+        logical_device(3, visible, "ASCEND_RT_VISIBLE_DEVICES")
 
 
 def test_execute_error_is_one_line_and_close_still_releases(env, tmp_path):

@@ -160,6 +160,28 @@ def test_session_that_cannot_use_the_chip_is_refused(model, cache, monkeypatch):
     assert all(s["providers"][0] == CUDA for s in fake.sessions)
 
 
+def test_cann_reads_its_visible_list_only_up_to_the_first_space(model, cache, monkeypatch):
+    """CANN parses ASCEND_RT_VISIBLE_DEVICES="1, 3" as chip 1 alone; before, chip 3 was handed
+    to the EP as logical 1, and the fake's two chips accepted it."""
+    fake = install(monkeypatch, CANN)
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "1, 3")
+    with pytest.raises(BackendError, match=r"ASCEND_RT_VISIBLE_DEVICES='1, 3': .* \['1'\]; chip 3"):
+        OrtBackend(model, 3, BackendOptions(provider="cann"))
+    assert fake.sessions == []
+    monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "1,3")
+    OrtBackend(model, 3, BackendOptions(provider="cann")).close()
+    assert fake.sessions[-1]["options"][CANN]["device_id"] == "1"
+
+
+@pytest.mark.parametrize("visible", ["GPU-2c9a07", "3"])
+def test_cuda_device_narrowed_by_the_actor_is_logical_zero(model, cache, monkeypatch, visible):
+    """The device actor sets CUDA_VISIBLE_DEVICES to its one GPU, a number or a UUID."""
+    fake = install(monkeypatch, CUDA, devices=1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    OrtBackend(model, 3, BackendOptions(provider="cuda")).close()
+    assert fake.sessions[-1]["options"][CUDA]["device_id"] == "0"
+
+
 # --------------------------------------------------------------------------- compiles
 
 

@@ -7,6 +7,7 @@ import ray
 
 from runner.actors import DeviceWorker
 from runner.backends import BackendOptions
+from runner.binding import reservation_notes
 from runner.config import RunConfig
 from runner.devices import EMULATED_RESOURCE, device_actor_options, device_kind
 from runner.evaluation import _resolve_backend
@@ -49,18 +50,27 @@ def test_backend_auto_picks_acl_when_ray_sees_npus(ray_session):
 
 @pytest.mark.parametrize("bind", [False, True])
 def test_device_workers_on_fake_npus_each_get_a_distinct_chip(ray_session, bind):
-    """--devices all keeps Ray's assignment; named devices bind the chip the user named."""
+    """--devices all keeps Ray's assignment; named devices bind the chip the user named. Either
+    way the runtime sees that one chip, and a node's actors reserve exactly the chips driven."""
+
+    class Probe(DeviceWorker):  # defined here so Ray ships it by value to the workers
+        def seen(self) -> dict:
+            return {**self.info, "visible": os.environ.get("ASCEND_RT_VISIBLE_DEVICES")}
+
     kind = device_kind("acl", "cpu")
-    worker = ray.remote(DeviceWorker).options(**device_actor_options(kind))
+    worker = ray.remote(Probe).options(**device_actor_options(kind))
     actors = [worker.remote(backend="emulated", model=None, device=str(i), device_id=i,
                             options=BackendOptions(), recipe="huawei",
                             visible_env=kind.visible_env, bind_chip=bind) for i in range(4)]
-    infos = ray.get([a.describe.remote() for a in actors])
+    infos = ray.get([a.seen.remote() for a in actors])
     assert sorted(i["device_id"] for i in infos) == [0, 1, 2, 3]
     assert len({i["ray_assigned"] for i in infos}) == 4  # Ray gave each its own NPU
+    for i in infos:
+        assert i["visible"] == i["chip"] == str(i["device_id"]) == str(i["node_index"])
     if bind:
         assert [i["device_id"] for i in infos] == [0, 1, 2, 3]
     else:
         assert all(i["device_id"] == int(i["ray_assigned"]) for i in infos)
+    assert reservation_notes(infos) == []  # all 4 NPUs held, in whatever order
     for a in actors:
         ray.kill(a)

@@ -66,17 +66,30 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def logical_device(device_id: int, visible: str | None) -> int:
-    """The id to hand the runtime for physical chip ``device_id``.
+def logical_device(device_id: int, visible: str | None, variable: str) -> int:
+    """The id to hand the runtime for chip ``device_id`` when ``variable`` holds ``visible``.
 
-    Under ``ASCEND_RT_VISIBLE_DEVICES`` (Ray sets it for an actor holding an NPU) the runtime
-    numbers the visible chips from 0; the chip is ``device_id``'s position in the list when
-    listed there, else the first visible chip.
+    The runtime numbers the chips it sees from 0: the chip is its position in the list as the
+    runtime reads it (CANN: ``acl_devices.cann_visible_ids``, which stops at the first space).
+    The device actor narrows the variable to its one chip (runner.binding), which may be a GPU
+    UUID: a single entry that is not a number is that chip. Any other miss is an error, never
+    another chip.
     """
     if not visible or not visible.strip():
         return device_id
-    ids = [part.strip() for part in visible.split(",")]
-    return ids.index(str(device_id)) if str(device_id) in ids else 0
+    if variable == "ASCEND_RT_VISIBLE_DEVICES":
+        from .acl_devices import cann_visible_ids  # imports this module: not at the top
+
+        ids = [str(i) for i in cann_visible_ids(visible)]
+    else:
+        ids = [part.strip() for part in visible.split(",")]
+    if str(device_id) in ids:
+        return ids.index(str(device_id))
+    if len(ids) == 1 and not ids[0].isdecimal():
+        return 0
+    raise BackendError(
+        f"{variable}={visible!r}: the runtime reads chips {ids}; chip {device_id} is not among them"
+    )
 
 
 def open_backend(

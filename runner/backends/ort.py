@@ -145,7 +145,8 @@ class OrtBackend:
         else:
             so.intra_op_num_threads = max(1, min(options.threads, ACCELERATOR_THREADS))
             # The device actor narrowed the visible devices to its own: that one is logical 0.
-            logical = logical_device(device_id, os.environ.get(_VISIBLE_ENV[options.provider]))
+            variable = _VISIBLE_ENV[options.provider]
+            logical = logical_device(device_id, os.environ.get(variable), variable)
             provider_options: dict[str, str] = {"device_id": str(logical)}
             if options.provider == "cann":
                 provider_options["dump_om_model"] = "1"
