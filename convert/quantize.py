@@ -123,7 +123,7 @@ def load_calibration(folder: str | Path, recipe: Recipe, count: int) -> Calibrat
 
 class CropReader(CalibrationDataReader):
     """Feeds calibration batches; ``set_range`` (ORT >= 1.19, ``CalibStridedMinMax``) lets the
-    calibrator collect a few batches at a time instead of holding every activation."""
+    calibrator collect one batch at a time instead of holding every activation."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]]):
         self.batches = batches
