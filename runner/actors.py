@@ -34,6 +34,10 @@ from .preprocess import ImageError, get_recipe, load_crop, to_tensor
 
 #: Seconds to wait for an actor to start (a model load) or to warm up (a first batch).
 START_TIMEOUT_S = 300
+#: Times Ray makes a preprocessing call again on a restarted preprocessor before the call
+#: fails (then the driver makes it again, one batch per call, up to its own limit): a batch
+#: whose images crash the decoder is given up, a preprocessor lost once is not.
+PREP_TASK_RETRIES = 2
 
 log = logging.getLogger("cardrunner")
 

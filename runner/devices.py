@@ -131,16 +131,20 @@ def cpu_devices(cores: int) -> int:
 
 
 def place_devices(
-    selection: DeviceSelection, nodes: list[NodeInfo], what: str, local_node_id: str
+    selection: DeviceSelection, nodes: list[NodeInfo], what: str, local_node_id: str,
+    missing: str = "",
 ) -> list[tuple[DeviceRef, NodeInfo]]:
-    """Pin every selected device to a node; one-line ``DeviceSpecError`` when impossible."""
+    """Pin every selected device to a node; one-line ``DeviceSpecError`` when impossible.
+
+    ``missing`` says what to check when no node has any device of the kind."""
     multi = len(nodes) > 1
+    if not any(n.devices for n in nodes):
+        where = "the cluster's nodes" if multi else "this host"
+        raise DeviceSpecError(f"--devices: no {what} found: Ray sees none on {where}"
+                              + (f"; {missing}" if missing else ""))
     if selection.all:
-        placed = [(DeviceRef(n.name if multi else None, i), n)
-                  for n in nodes for i in range(n.devices)]
-        if not placed:
-            raise DeviceSpecError(f"--devices all: no {what} found")
-        return placed
+        return [(DeviceRef(n.name if multi else None, i), n)
+                for n in nodes for i in range(n.devices)]
     with_devices = [n for n in nodes if n.devices]
     local = next((n for n in nodes if n.node_id == local_node_id), None)
     default = local if local is not None and local.devices else (
@@ -185,15 +189,26 @@ class DeviceKind:
     resource: str | None  # Ray resource held by each device actor; None: CPU slices
     visible_env: str | None  # variable through which the runtime sees only its own chip
     label: str  # what the devices are called in messages
+    missing: str = ""  # what to check when Ray sees none
 
 
 def device_kind(backend: str, provider: str) -> DeviceKind:
     if backend == "acl" or (backend == "onnxruntime" and provider == "cann"):
-        return DeviceKind("NPU", "ASCEND_RT_VISIBLE_DEVICES", "Ascend NPUs")
+        return DeviceKind(
+            "NPU", "ASCEND_RT_VISIBLE_DEVICES", "Ascend NPUs",
+            "Ray counts a node's NPUs when the node starts, through CANN or /dev/davinci*: check "
+            "that `npu-smi info` lists the chips and that CANN's set_env.sh was sourced before "
+            "Ray started (with --address, restart that node's `ray start`; or declare them: "
+            "ray start --resources='{\"NPU\": 4}')")
     if backend == "onnxruntime" and provider == "cuda":
-        return DeviceKind("GPU", "CUDA_VISIBLE_DEVICES", "GPUs")
+        return DeviceKind(
+            "GPU", "CUDA_VISIBLE_DEVICES", "GPUs",
+            "Ray counts a node's GPUs when the node starts: check that `nvidia-smi` lists them "
+            "and that CUDA_VISIBLE_DEVICES does not hide them (or: ray start --num-gpus N)")
     if backend == "emulated":
-        return DeviceKind(EMULATED_RESOURCE, None, "emulated chips (--emulated-chips)")
+        return DeviceKind(EMULATED_RESOURCE, None, "emulated chips (--emulated-chips)",
+                          "a cluster offers them with ray start --resources='{\"emulated_npu\": "
+                          "4}'")
     return DeviceKind(None, None, "CPU slices")
 
 

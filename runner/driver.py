@@ -27,16 +27,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import (
+    ActorUnavailableError,
+    GetTimeoutError,
+    ObjectLostError,
+    RayActorError,
+    RayError,
+)
 
 from .actors import BatchReply, Device
-from .errors import one_line
+from .errors import one_line, short_reason
 from .planning import Batch
 
 #: A batch that failed this many times is given up and its images recorded as errors.
 MAX_BATCH_ATTEMPTS = 3
 #: A device whose runtime raised this many times is dropped from the run.
 MAX_DEVICE_FAILURES = 2
+#: A call whose preprocessor cannot be reached (being restarted: after its node died, Ray
+#: needs its health checks, ~15 s, to notice) is made again every PREP_RETRY_S, for up to
+#: PREP_WAIT_S, before that counts as a failed attempt.
+PREP_RETRY_S = 1.0
+PREP_WAIT_S = 120.0
 
 log = logging.getLogger("cardrunner")
 
@@ -73,6 +84,7 @@ class Call:
     ready_seen: float | None = None  # when the driver first saw the payload made (hang clock)
     slow_prep_warned: bool = False
     attempts: int = 0
+    waited_s: float = 0.0  # for its preprocessor to come back (not counted as attempts)
 
     @property
     def node(self) -> str:
@@ -80,7 +92,8 @@ class Call:
 
     def split(self) -> list[Call]:
         """One call per batch, sharing this call's payload (if any) and attempts."""
-        return [Call([b], [p], self.payload, self.status, self.ready_seen, attempts=self.attempts)
+        return [Call([b], [p], self.payload, self.status, self.ready_seen,
+                     attempts=self.attempts, waited_s=self.waited_s)
                 for b, p in zip(self.batches, self.parts, strict=True)]
 
 
@@ -93,6 +106,7 @@ class DriveOutcome:
     given_up: list[tuple[int, str]] = field(default_factory=list)  # (batch id, reason)
     calls: int = 0  # device calls submitted
     cpu_s: float = 0.0  # CPU time of the driver process while it drove (all its threads)
+    nodes_lost: dict[str, float] = field(default_factory=dict)  # node -> seconds into the run
 
 
 SubmitPrep = Callable[[list[Batch]], tuple[Any, Any]]
@@ -125,6 +139,7 @@ class Driver:
             self.queues.setdefault(b.node, deque()).append(b)
         self.retries: dict[str, deque[Call]] = {node: deque() for node in self.queues}
         self.pending: dict[Any, tuple[Call, DeviceState, float]] = {}
+        self.waiting: list[tuple[float, Call]] = []  # (not before, call), in time order
         self.outcome = DriveOutcome(0.0, time.time())
 
     def run(self) -> DriveOutcome:
@@ -132,13 +147,21 @@ class Driver:
         for slots in range(1, self.in_flight + 1):  # every device's first call first
             for dev in self.devices:
                 self.fill(dev, slots)
-        while self.pending:
-            done, _ = ray.wait(list(self.pending), num_returns=1,
-                               timeout=min(5.0, self.batch_timeout_s))
+        while self.pending or self.waiting:
+            timeout = min(5.0, self.batch_timeout_s)
+            if self.waiting:
+                timeout = max(0.0, min(timeout, self.waiting[0][0] - time.time()))
+            if self.pending:
+                done, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+            else:
+                done = []
+                time.sleep(timeout)
+            self.release_waiting()
             self.kill_hung(done)
             if done:
                 self.on_reply(done[0])
         self.give_up_rest()
+        self.note_lost_nodes()
         self.outcome.wall_s = time.time() - self.outcome.started
         self.outcome.cpu_s = time.process_time() - cpu0
         return self.outcome
@@ -201,9 +224,19 @@ class Driver:
 
     def on_error(self, call: Call, dev: DeviceState, exc: RayError) -> None:
         reason = one_line(exc)
-        if preprocessing_failed(call.status):
-            call.payload = call.status = call.ready_seen = None  # make it again
-            self.retry(call, f"preprocessing failed: {reason}")
+        prep = preprocessing_error(call.status)
+        if isinstance(prep, ActorUnavailableError) and call.waited_s < PREP_WAIT_S:
+            # Its preprocessor is being restarted (after its node died, until Ray has
+            # noticed): neither the images' fault nor the device's; made again once the
+            # preprocessor can be reached.
+            call.payload = call.status = call.ready_seen = None
+            call.waited_s += PREP_RETRY_S
+            self.waiting.append((time.time() + PREP_RETRY_S, call))
+        elif prep is not None or payload_lost(exc):
+            # Never made, or lost with the node that held it: make it again; not the
+            # device's fault.
+            call.payload = call.status = call.ready_seen = None
+            self.retry(call, f"preprocessing failed: {one_line(prep or exc)}")
         else:
             dev.failures += 1
             if isinstance(exc, RayActorError) or dev.failures >= MAX_DEVICE_FAILURES:
@@ -220,11 +253,39 @@ class Driver:
         else:
             self.retries[call.node].extendleft(reversed(call.split()))
 
+    def release_waiting(self) -> None:
+        """Calls whose wait is over go back to their node's queue, first in line."""
+        now, due = time.time(), []
+        while self.waiting and self.waiting[0][0] <= now:
+            due.append(self.waiting.pop(0)[1])
+        for call in reversed(due):
+            self.retries[call.node].appendleft(call)
+        if due:
+            for dev in self.devices:
+                self.fill(dev)
+            if not any(d.alive for d in self.devices):
+                for call in due:
+                    self.give_up(call, "no device left")
+                for queue in self.retries.values():
+                    queue.clear()
+
     def drop(self, dev: DeviceState, reason: str) -> None:
         if dev.alive:
             dev.failed_at = time.time() - self.outcome.started
             dev.failure = reason
-            log.warning("device %s dropped: %s", dev.device.ref, reason)
+            log.warning("device %s dropped: %s", dev.device.ref, short_reason(reason))
+
+    def note_lost_nodes(self) -> None:
+        """Nodes that died during the run: lost when their first device was dropped (Ray
+        itself notices a node's death only after its health checks time out)."""
+        dead = {d.device.node.name: d for d in self.devices
+                if not d.alive and not node_alive(d.device.node.node_id)}
+        for name in sorted(dead):
+            at = min(d.failed_at for d in self.devices if d.device.node.name == name
+                     and d.failed_at is not None)
+            self.outcome.nodes_lost[name] = at
+            log.warning("node %s lost at %.1f s: its devices were dropped and the other "
+                        "nodes finished its images", name, at)
 
     def give_up(self, call: Call, reason: str) -> None:
         for batch in call.batches:
@@ -269,14 +330,24 @@ class Driver:
             ray.kill(dev.device.actor)  # its pending calls now fail and are re-queued
 
 
-def preprocessing_failed(status: Any) -> bool:
-    """Whether the preprocessing behind a call failed (its tiny status ref holds an error)."""
+def payload_lost(exc: RayError) -> bool:
+    """Whether a device call failed because its payload was lost (the node holding it died)."""
+    return isinstance(exc, ObjectLostError) or isinstance(getattr(exc, "cause", None),
+                                                          ObjectLostError)
+
+
+def node_alive(node_id: str) -> bool:
+    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+
+
+def preprocessing_error(status: Any) -> RayError | None:
+    """How the preprocessing behind a call failed (its tiny status ref holds the error)."""
     if status is None:
-        return False
+        return None
     try:
         ray.get(status, timeout=30)
     except GetTimeoutError:
-        return False
-    except RayError:
-        return True
-    return False
+        return None
+    except RayError as exc:
+        return exc
+    return None

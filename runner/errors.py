@@ -21,3 +21,10 @@ def one_line(exc: BaseException) -> str:
     else:
         text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]
+
+
+def short_reason(reason: str, width: int = 100) -> str:
+    """The first sentence of a one-line failure, for a table or log line (the whole line
+    stays in perf.json)."""
+    head = reason.split(". ", 1)[0].rstrip(".")
+    return head if len(head) <= width else head[: width - 3] + "..."

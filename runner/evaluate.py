@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+import ray
 
 from .backends import BackendError
 from .config import ConfigError, RunConfig
@@ -22,7 +26,7 @@ from .journal import JournalError
 from .metrics import LabelError
 from .preprocess import RECIPES
 from .report import format_examples, format_table, write_outputs
-from .run import RunResult
+from .run import Interrupted, RunResult
 from .sweep import format_sweep, sweep_row, write_sweep
 
 DEMO_IMAGES = 2000
@@ -124,7 +128,7 @@ def job_from_args(args: argparse.Namespace) -> Job:
              if k in RunConfig.__dataclass_fields__ and v is not None and k != "batch_size"}
     job.settings.update(flags)
     if args.model:
-        job.models_by_batch = {}
+        job.models_by_batch, job.make_model = {}, ()
     if args.batch_size is not None:
         job.batch_sizes = args.batch_size
     gate_flags = {"top1": args.expect_top1, "top5": args.expect_top5,
@@ -175,22 +179,27 @@ def run_job(job: Job, show: int = 0) -> int:
     configs = [job.config_for(bs) for bs in job.batch_sizes]
     for cfg in configs:  # a bad number fails now, not after the first size has run
         cfg.validate()
+        if cfg.model and (missing := job.missing_model(cfg.model)):
+            raise ConfigError(missing)
     code, rows = 0, []
-    with Evaluator() as evaluator:
+    sweep = Path(job.settings.get("out", RunConfig.out)) if len(configs) > 1 else None
+    with Evaluator() as evaluator:  # its folder locks cover the runs and every file written here
+        if sweep is not None:  # the sweep's table and each size's folder, before any size runs
+            for folder in (sweep, *(Path(cfg.out) for cfg in configs)):
+                evaluator.folders.hold(folder)
         for i, cfg in enumerate(configs):
-            if len(configs) > 1:
+            if sweep is not None:
                 print(f"== batch size {cfg.batch_size} -> {cfg.out}", flush=True)
             result = evaluator.run(cfg, keep_devices=i + 1 < len(configs))
             one, perf = report_one(result, job, show)
             code = code or one
             if result.stats:
                 rows.append(sweep_row(result, perf))
-    if len(configs) > 1 and rows:
-        out = Path(job.settings.get("out", RunConfig.out))
-        note = write_sweep(rows, out)
-        print(f"== sweep over batch sizes {', '.join(str(r['batch_size']) for r in rows)}")
-        print(format_sweep(rows))
-        print(note or f"wrote {out}/sweep.json, sweep.csv, sweep.png")
+        if sweep is not None and rows:
+            note = write_sweep(rows, sweep)
+            print(f"== sweep over batch sizes {', '.join(str(r['batch_size']) for r in rows)}")
+            print(format_sweep(rows))
+            print(note or f"wrote {sweep}/sweep.json, sweep.csv, sweep.png")
     return code
 
 
@@ -219,11 +228,31 @@ def main(argv: list[str] | None = None) -> int:
             job.settings.update(out=DEMO_OUT, overwrite=not job.settings.get("resume"))
         print("demo: the weights are UNTRAINED (random init): accuracy is chance level; "
               "only the throughput figures mean anything.", flush=True)
+    signal.signal(signal.SIGINT, first_interrupt)
     try:
         return run_job(job, args.show)
     except CONFIG_ERRORS as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"evaluate: {exc}; the journal in {exc.out} is intact: continue with --resume",
+              file=sys.stderr)
+    except KeyboardInterrupt:
+        print("evaluate: interrupted before any batch was scored; nothing to resume",
+              file=sys.stderr)
+    ray.shutdown()
+    return 130
+
+
+def first_interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C: unwind (devices torn down, journal closed); a second one exits at once."""
+    signal.signal(signal.SIGINT, exit_now)
+    raise KeyboardInterrupt
+
+
+def exit_now(signum: int, frame: object) -> None:
+    os.write(2, b"evaluate: interrupted again: exiting now\n")
+    os._exit(130)
 
 
 if __name__ == "__main__":

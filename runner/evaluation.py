@@ -8,6 +8,7 @@ same actors up again at each size instead of reloading the model).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from .errors import one_line
 from .modelfile import describe_model
 from .preprocess import get_recipe
 from .ray_start import start_ray
-from .run import Plan, RunResult, Started
+from .run import Plan, RunResult, Started, StartupClock, process_start_time
+from .runlock import RunFolders
 from .runs import run_dataset, run_pure_infer
 
 RUN_FILES = ("journal.jsonl", "result.json", "perf.json", "logits.npy", "errors.csv",
@@ -111,7 +113,6 @@ def plan_run(cfg: RunConfig) -> Plan:
         if not cfg.images:
             raise ConfigError("--images is required (or --pure-infer)")
         dataset = load_dataset(cfg.images, cfg.labels, cfg.limit)
-    check_out_dir(Path(cfg.out), cfg.resume, cfg.overwrite)
     return Plan(cfg, recipe, meta, model_sha, dataset)
 
 
@@ -146,18 +147,29 @@ def check_precision(backend: str, provider: str, precision: str) -> None:
 
 
 class Evaluator:
-    """Runs configurations one after another, sharing device actors where it can."""
+    """Runs configurations one after another, sharing device actors where it can.
+
+    Every run's folder stays locked (``runner.runlock``) from its check until the evaluator
+    closes, so that the reports written after ``run`` returns are written under the lock."""
 
     def __init__(self) -> None:
         self.devices: list[actors.Device] = []
         self.key: tuple | None = None
+        self.folders = RunFolders()
+        began = process_start_time()  # a first run's start-up includes the command's own
+        self.clock = StartupClock(began or time.time())
+        if began:
+            self.clock.mark("command (interpreter, imports, arguments)")
 
     def __enter__(self) -> Evaluator:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for line in self.close():
-            log.warning("%s", line)
+        try:
+            for line in self.close():
+                log.warning("%s", line)
+        finally:
+            self.folders.release()
 
     def close(self) -> list[str]:
         """Tear the device actors down; one line per device whose teardown failed."""
@@ -169,10 +181,18 @@ class Evaluator:
 
         ``keep_devices``: leave the actors up for a next run (otherwise they are torn down
         and their teardown problems are part of this result)."""
+        clock, self.clock = self.clock, StartupClock(0.0)  # a next run times from its start
+        if not clock.began:
+            clock = StartupClock(time.time())
         plan = plan_run(cfg)
-        started = self._start(plan)
+        out = Path(cfg.out)
+        self.folders.hold(out)  # one writer per folder: a second run exits 2 naming this one
+        check_out_dir(out, cfg.resume, cfg.overwrite)
+        clock.mark("checks and image list")
+        started = self._start(plan, clock)
         try:
             clear_out_dir(Path(cfg.out), cfg.overwrite)
+            self.folders.used(out)
             if cfg.pure_infer:
                 result = run_pure_infer(started)
             else:
@@ -183,14 +203,18 @@ class Evaluator:
             raise
         if not keep_devices or not all(d.alive for d in started.devices):
             result.teardown = self.close()  # a failed device is not carried into the next run
+        if result.stats:
+            result.teardown_s = round(time.time() - result.outcome.started
+                                      - result.outcome.wall_s, 4)
         return result
 
-    def _start(self, plan: Plan) -> Started:
+    def _start(self, plan: Plan, clock: StartupClock) -> Started:
         cfg = plan.cfg
         try:
             start_ray(cfg.address, {EMULATED_RESOURCE: cfg.emulated_chips}, cfg.dashboard)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"--address {cfg.address}: {one_line(exc)}") from None
+        clock.mark("ray")
         backend, provider = _resolve_backend(cfg)
         cfg.provider = provider
         check_precision(backend, provider, cfg.precision)
@@ -202,14 +226,16 @@ class Evaluator:
             selection = parse_devices(cfg.devices)
             nodes = cluster_nodes(kind.resource, every_core_once=selection.all)
             placed = place_devices(selection, nodes, kind.label,
-                                   ray.get_runtime_context().get_node_id())
+                                   ray.get_runtime_context().get_node_id(), kind.missing)
             self.devices = actors.start_devices(cfg, backend, kind, plan.recipe, placed,
                                                 bind_chips=not selection.all)
             self.key = key
+            clock.mark("devices (actors, model load)")
         try:
             for device in self.devices:
                 check_input(device.info, plan.recipe, cfg.model)
             batch_s = actors.warm_up(self.devices, cfg.batch_size)
+            clock.mark("warm-up")
             if plan.dataset is not None:
                 plan.dataset.check_label_range(self.devices[0].info["num_classes"])
         except BaseException:
@@ -218,7 +244,7 @@ class Evaluator:
             raise
         per_call = cfg.batches_per_call or planning.batches_per_call(batch_s, cfg.batch_size)
         return Started(plan, [DeviceState(d) for d in self.devices],
-                       self.devices[0].info["num_classes"], per_call, batch_s)
+                       self.devices[0].info["num_classes"], per_call, batch_s, clock)
 
 
 def run_evaluation(cfg: RunConfig) -> RunResult:

@@ -12,7 +12,7 @@ Relative paths in a job file are relative to the job file's own folder.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,17 @@ class Job:
     models_by_batch: dict[int, str] = field(default_factory=dict)
     gates: Gates = Gates()
     max_errors: int = 0
+    #: The commands the job's description gives for making its model (``python -m convert.``
+    #: lines), named when the model does not exist yet; cleared when --model replaces it.
+    make_model: tuple[str, ...] = ()
+
+    def missing_model(self, model: str) -> str | None:
+        """One line for a model file of this job that does not exist yet, naming the
+        commands that make it; None when it exists or the job gives no command."""
+        if not self.make_model or Path(model).exists():
+            return None
+        return (f"--model: {model} does not exist yet; the job {self.path} makes it with: "
+                + "; then ".join(self.make_model))
 
     def config_for(self, batch_size: int) -> RunConfig:
         """RunConfig for one batch size of the sweep."""
@@ -98,8 +109,11 @@ def load_job(path: str | Path) -> Job:
     except TypeError as exc:
         raise ConfigError(f"--job: {path}: [gates]: {exc}") from None
 
+    description = doc.get("description", "")
+    make = tuple(line.strip() for line in str(description).splitlines()
+                 if line.strip().startswith("python -m convert."))
     try:
-        return _build_job(path, run, model, data, gates)
+        return replace(_build_job(path, run, model, data, gates), make_model=make)
     except ConfigError:
         raise
     except (TypeError, ValueError) as exc:  # e.g. max_errors = "x", by_batch_size key "a"

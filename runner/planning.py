@@ -102,8 +102,8 @@ def default_workers(cores: int, cpu_inference: bool) -> int:
 def plan_shards(
     todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int, workers: int | None,
     cpu_inference: bool = False,
-) -> list[tuple[NodeInfo, list[tuple[int, str]], float]]:
-    """(node, shard, CPUs per actor) for every preprocessing actor.
+) -> list[tuple[NodeInfo, list[tuple[int, str]]]]:
+    """(node, shard) for every preprocessing actor.
 
     The image list is split across the devices' nodes in proportion to their device counts,
     so each device's batches are decoded on its own host; each node's part is split across
@@ -120,7 +120,6 @@ def plan_shards(
             continue
         wanted = workers or default_workers(node.cpus, cpu_inference)
         k = max(1, min(wanted, math.ceil(len(part) / batch_size)))
-        cpus = min(1.0, max(node.cpus, 1) / k)
-        planned += [(node, part[x:y], cpus)
+        planned += [(node, part[x:y])
                     for x, y in pairwise(cut_points(len(part), [1] * k, batch_size)) if y > x]
     return planned

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .binding import reservation_notes
 from .classes import class_table, short_name
+from .errors import short_reason
 from .metrics import hit_ranks, label_offset
 from .run import RunResult
 
@@ -37,6 +39,8 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
             "id": info["device"],
             "node": info.get("node", ""),
             "device_index": info["device_id"],
+            "chip": info.get("chip"),  # what the device's runtime was bound to
+            "ray_assigned": info.get("ray_assigned"),  # what Ray reserved for the actor
             "host": info["host"],
             "provider": info["provider"],
             "emulated": info["emulated"],
@@ -74,9 +78,13 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "devices": devices,
         "card": card,
         "hosts": _groups(devices, wall, lambda d: d["node"]),
+        "nodes_lost": [{"node": name, "at_s": round(at, 3)}
+                       for name, at in result.outcome.nodes_lost.items()],
         "cards": _groups(devices, wall, lambda d: f"{d['node']}/card{d['device_index'] // chips}")
         if chips else [],
         "driver": driver_cost(result, images),
+        **result.startup,  # startup_s: the run's start -> its first device call, with parts
+        "teardown_s": result.teardown_s,
         "stages": stage_rates(result, card),
         "environment": {
             "backend": result.devices[0]["backend"],
@@ -218,7 +226,7 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
             f"{d['id']:>8} {d['host'][:12]:>12} {d['images']:>7} {d['batches']:>7} "
             f"{d['compute_fps']:>11.2f} {d['e2e_fps']:>8.2f} {d['busy_share']:>6.1%} "
             f"{p50:>7} {p99:>7}"
-            + (f"  FAILED at {d['failed_at_s']:.1f}s: {d['failure']}"
+            + (f"  FAILED at {d['failed_at_s']:.1f}s: {short_reason(d['failure'])}"
                if d["failed_at_s"] is not None else "")
         )
     lines += [
@@ -231,6 +239,13 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
         if len(groups) > 1:
             lines += [f"{kind} {g['name']}: {len(g['devices'])} devices, {g['images']} images, "
                       f"measured {g['measured_fps']:.2f} img/s" for g in groups]
+    lines += [f"node {n['node']} lost at {n['at_s']:.1f}s: the other nodes finished its images"
+              for n in perf["nodes_lost"]]
+    if perf.get("startup_s") is not None:
+        parts = ", ".join(f"{k.split(' (')[0]} {v:.1f}" for k, v in perf["parts"].items()
+                          if v >= 0.05)
+        lines.append(f"start-up {perf['startup_s']:.1f} s ({parts}); teardown "
+                     f"{perf['teardown_s']:.1f} s; not in any figure above")
     stages = perf["stages"]
     caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
     lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")
@@ -363,6 +378,8 @@ def write_outputs(result: RunResult, out: Path, synsets: str | None = None) -> d
                          "session; the speed figures cover this session only"]
     if result.teardown:
         perf.setdefault("notes", []).extend(result.teardown)
+    if held := reservation_notes(result.devices):
+        perf.setdefault("notes", []).extend(held)
     if acc is not None:
         (out / "result.json").write_text(acc.to_guide_json())
         with open(out / "per_class.csv", "w", newline="") as f:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +57,8 @@ class RunResult:
     teardown: list[str] = field(default_factory=list)  # devices whose runtime closed badly
     batches_per_call: int = 1  # the call size this run used (chosen or --batches-per-call)
     batch_s: float = 0.0  # the median device's seconds per batch at warm-up
+    startup: dict[str, Any] = field(default_factory=dict)  # StartupClock.summary
+    teardown_s: float = 0.0  # the last reply -> devices and preprocessors torn down
 
     @property
     def scored(self) -> np.ndarray:
@@ -65,6 +70,40 @@ class RunResult:
         idx = self.scored
         ranks = hit_ranks(self.top[idx], self.labels[idx], self.num_classes)
         return Accuracy.from_ranks(ranks, self.num_classes)
+
+
+def process_start_time() -> float | None:
+    """When this process started (time.time() scale), from /proc; None where unknown."""
+    try:
+        stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+        boot = next(line for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration):
+        return None
+    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the comm
+    return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class StartupClock:
+    """Where the time from a run's start to its first device call went, part by part."""
+
+    began: float
+    parts: dict[str, float] = field(default_factory=dict)
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last = self.last or self.began
+
+    def mark(self, part: str) -> None:
+        """The time since the previous mark was spent on ``part``."""
+        now = time.time()
+        self.parts[part] = round(self.parts.get(part, 0.0) + now - self.last, 4)
+        self.last = now
+
+    def summary(self, first_call: float) -> dict[str, Any]:
+        parts = dict(self.parts, other=round(max(0.0, first_call - self.last), 4))
+        return {"startup_s": round(first_call - self.began, 4), "parts": parts}
 
 
 @dataclass
@@ -87,10 +126,20 @@ class Started:
     num_classes: int
     batches_per_call: int
     batch_s: float
+    clock: StartupClock
 
     def result(self, outcome: DriveOutcome, stats: list[BatchStat], **kw: Any) -> RunResult:
         infos = [dict(d.device.info, node=d.node, failed_at_s=d.failed_at, failure=d.failure,
                       moved_batches=d.moved_batches) for d in self.devices]
         return RunResult(self.plan.cfg, self.plan.recipe, self.plan.meta, self.plan.model_sha,
                          infos, outcome, stats, num_classes=self.num_classes,
-                         batches_per_call=self.batches_per_call, batch_s=self.batch_s, **kw)
+                         batches_per_call=self.batches_per_call, batch_s=self.batch_s,
+                         startup=self.clock.summary(outcome.started), **kw)
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a dataset run; the journal holds every batch finished before it."""
+
+    def __init__(self, done: int, total: int, out: Path):
+        super().__init__(f"interrupted after {done} of {total} images")
+        self.done, self.total, self.out = done, total, out

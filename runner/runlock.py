@@ -129,9 +129,36 @@ class FileLock:
         Raises ``BusyError`` ("{what}: {subject} ({holder}){advice}") when another open file
         holds the lock, and ``LockError`` when the file cannot be opened or locked.
         """
+        while True:
+            fd = cls._open_and_lock(path, what, subject, advice)
+            # A holder that removes its folder on release unlinks the file it locked: a lock
+            # won on that unlinked file keeps nobody out, so it is taken again on the new one.
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            locked = os.fstat(fd)
+            if current and (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino):
+                break
+            os.close(fd)
+        lock = cls(path, fd)
+        try:
+            lock._record(Holder.this_process())
+        except OSError as exc:
+            lock.release()
+            raise LockError(f"{what}: cannot write the lock file {path}: {exc.strerror}") from None
+        scope = local_only(path)
+        if scope:
+            log.warning("%s: %s is on %s, so a run on another host would not be kept out",
+                        what, path.parent, scope)
+        return lock
+
+    @staticmethod
+    def _open_and_lock(path: Path, what: str, subject: str, advice: str) -> int:
         try:  # read-write: an exclusive lock needs write access (NFS checks it); the
             # descriptor is not inherited across exec (PEP 446), so no child process of
             # this one (Ray's) keeps the lock alive after it
+            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise LockError(f"{what}: cannot open the lock file {path}: {exc.strerror}") from None
@@ -146,17 +173,7 @@ class FileLock:
                 f"{what}: cannot lock {path} ({name}: {exc.strerror}): this filesystem refuses "
                 "file locks, so nothing would keep a second run out; use a local disk or a "
                 "network filesystem with locking (NFS with lockd or v4, SMB)") from None
-        lock = cls(path, fd)
-        try:
-            lock._record(Holder.this_process())
-        except OSError as exc:
-            lock.release()
-            raise LockError(f"{what}: cannot write the lock file {path}: {exc.strerror}") from None
-        scope = local_only(path)
-        if scope:
-            log.warning("%s: %s is on %s, so a run on another host would not be kept out",
-                        what, path.parent, scope)
-        return lock
+        return fd
 
     def _record(self, holder: Holder) -> None:
         data = (json.dumps(asdict(holder)) + "\n").encode()
@@ -194,19 +211,33 @@ def hold_run_folder(folder: str | Path, what: str = "--out") -> FileLock:
 
 
 class RunFolders:
-    """The run folders one process writes: each locked once, all released together."""
+    """The run folders one process writes: each locked once, all released together.
+
+    A folder that the lock itself created, for a run that never started (``used`` was not
+    called: a run refused by a late check), is removed again if it holds nothing but the
+    lock file, so a refused run leaves no trace."""
 
     def __init__(self) -> None:
-        self._held: dict[str, FileLock] = {}
+        self._held: dict[str, tuple[FileLock, bool]] = {}
 
     def hold(self, folder: str | Path, what: str = "--out") -> None:
         key = os.path.realpath(folder)
         if key not in self._held:
-            self._held[key] = hold_run_folder(folder, what)
+            created = not os.path.exists(key)
+            self._held[key] = hold_run_folder(folder, what), created
+
+    def used(self, folder: str | Path) -> None:
+        """A run started in ``folder``: it stays, whatever it holds."""
+        key = os.path.realpath(folder)
+        lock, _ = self._held[key]
+        self._held[key] = lock, False
 
     def release(self) -> None:
         held, self._held = self._held, {}
-        for lock in held.values():
+        for folder, (lock, unused) in held.items():
+            if unused and os.listdir(folder) == [LOCK_NAME]:
+                lock.path.unlink()  # still locked: a waiting opener sees the file vanish
+                os.rmdir(folder)
             lock.release()
 
 

@@ -24,7 +24,7 @@ from .errors import one_line
 from .journal import Journal, JournalError, LogitsFile
 from .metrics import TOPK
 from .preprocess import get_recipe
-from .run import BatchStat, RunResult, Started
+from .run import BatchStat, Interrupted, RunResult, Started
 
 log = logging.getLogger("cardrunner")
 
@@ -55,6 +55,7 @@ def run_pure_infer(run: Started) -> RunResult:
     # Put once, before the clock starts: one untimed call per device brings the payload to
     # its node (a second node would otherwise pull it inside the first timed call).
     ray.get([d.device.actor.infer.remote(payload, [(-1, 0)], False) for d in run.devices])
+    run.clock.mark("payload")
     rounds = cfg.rounds or planning.pure_infer_rounds(run.batch_s)
     batches = planning.plan_batches([cfg.batch_size * rounds * len(run.devices)],
                                     cfg.batch_size)
@@ -81,6 +82,7 @@ class DatasetSink:
         self.dataset, self.shards, self.top, self.issues = dataset, shards, top, issues
         self.journal, self.logits, self.bar = journal, logits, bar
         self.stats: list[BatchStat] = []
+        self.journaled = 0  # images of this session in the journal (scored or unreadable)
 
     def on_replies(self, replies: list[actors.BatchReply]) -> None:
         t0 = time.perf_counter()
@@ -95,7 +97,9 @@ class DatasetSink:
             records.append({"batch": r.batch, "device": r.device, "indices": r.indices.tolist(),
                             "top": r.top.tolist(), "errors": r.errors})
         self.journal.append(*records)
-        self.bar.update(sum(r.n + len(r.errors) for r in replies))
+        finished = sum(r.n + len(r.errors) for r in replies)
+        self.journaled += finished
+        self.bar.update(finished)
         post_s = (time.perf_counter() - t0) / len(replies)
         self.stats.extend(BatchStat.of(r, post_s) for r in replies)
 
@@ -129,10 +133,17 @@ def start_preprocessors(run: Started, todo: list[tuple[int, str]],
                                    cfg.workers, cpu_inference=cpu)
     preps = [
         ray.remote(actors.Preprocessor).options(
-            num_cpus=cpus,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            # A preprocessor that dies (the OOM killer, a decoder crash, its node lost) is
+            # restarted by Ray with the same shard, on its node or, once that node is gone,
+            # on another (soft affinity); the calls it was running are made again there.
+            # Placed by affinity, not by CPU accounting: a surviving node's own
+            # preprocessors would otherwise hold every CPU a restarted one needs.
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=actors.PREP_TASK_RETRIES,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
         ).remote(shard, run.plan.recipe, cache)
-        for node, shard, cpus in planned
+        for node, shard in planned
     ]
     try:  # actor start-up is not part of the timed run
         ray.get([p.ready.remote() for p in preps], timeout=actors.START_TIMEOUT_S)
@@ -140,7 +151,7 @@ def start_preprocessors(run: Started, todo: list[tuple[int, str]],
         for p in preps:
             ray.kill(p)
         raise ConfigError(f"preprocessing actors did not start: {one_line(exc)}") from None
-    return preps, [shard for _, shard, _ in planned], [node.name for node, _, _ in planned]
+    return preps, [shard for _, shard in planned], [node.name for node, _ in planned]
 
 
 def run_dataset(run: Started, out: Path) -> RunResult:
@@ -178,7 +189,9 @@ def run_dataset(run: Started, out: Path) -> RunResult:
                 cfg.cache) else None
             if cache is not None:
                 stack.callback(cache.close)
+            run.clock.mark("journal, logits and cache")
             preps, shards, nodes = start_preprocessors(run, todo, cache)
+            run.clock.mark("preprocessors")
             started = True
             stack.callback(lambda: [ray.kill(p) for p in preps])
             bar = stack.enter_context(tqdm(total=n, initial=resumed, unit="img",
@@ -191,7 +204,10 @@ def run_dataset(run: Started, out: Path) -> RunResult:
 
             batches = planning.plan_batches([len(s) for s in shards], cfg.batch_size, nodes,
                                             block=run.batches_per_call)
-            outcome = drive(run, batches, submit_prep, sink.on_replies, sink.on_give_up)
+            try:
+                outcome = drive(run, batches, submit_prep, sink.on_replies, sink.on_give_up)
+            except KeyboardInterrupt:
+                raise Interrupted(resumed + sink.journaled, n, out) from None
             cache_state = "off" if cache is None else "hit" if cache.complete else (
                 "built" if cache.finalize() else "partial")
     except BaseException:
@@ -225,7 +241,7 @@ def open_cache(root: str, recipe: str, n: int, fingerprint: str, resumed: int) -
         log.warning("%s; running without the cache", exc)
         return None
     except CacheError as exc:
-        raise ConfigError(f"--cache: {exc}") from None
+        raise ConfigError(str(exc)) from None  # cache messages name --cache themselves
     if not cache.complete and resumed:
         log.warning("--cache: a resumed run cannot fill the whole cache; running without it")
         cache.close()

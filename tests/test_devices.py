@@ -1,9 +1,17 @@
+import os
 import subprocess
 import sys
 
 import pytest
 
-from runner.devices import DeviceRef, DeviceSpecError, NodeInfo, parse_devices, place_devices
+from runner.devices import (
+    DeviceRef,
+    DeviceSpecError,
+    NodeInfo,
+    device_kind,
+    parse_devices,
+    place_devices,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,3 +90,27 @@ def test_embedded_ray_listens_on_loopback_only(ray_session):
     assert ray_session.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     # No dashboard unless --dashboard: Ray reports no web UI.
     assert ray_session._private.worker.global_worker.node.address_info["webui_url"] == ""
+
+
+def test_no_npu_at_all_says_so_and_what_to_check():
+    kind = device_kind("acl", "cpu")
+    bare = [NodeInfo("a", "vm", "vm", "x", 2, 0)]
+    with pytest.raises(DeviceSpecError) as err:
+        place_devices(parse_devices("0"), bare, kind.label, "a", kind.missing)
+    message = str(err.value)
+    assert message.startswith("--devices: no Ascend NPUs found: Ray sees none on this host; ")
+    assert "npu-smi info" in message and "set_env.sh" in message and "\n" not in message
+    assert "0 requested" not in message
+
+
+def test_acl_on_a_host_without_npus_is_one_line(tmp_path):
+    om = tmp_path / "m_bs1.om"
+    om.write_bytes(b"not really an om")
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner.evaluate", "--backend", "acl", "--model", str(om),
+         "--pure-infer", "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    assert proc.returncode == 2
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("evaluate:")]
+    assert line.startswith("evaluate: error: --devices: no Ascend NPUs found")
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind

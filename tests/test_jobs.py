@@ -74,3 +74,18 @@ top1 = 77.53
                            "--expect-top1", "0", "--overwrite", "--no-progress"],
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_job_whose_model_is_not_made_yet_names_the_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runner.evaluate", "--job",
+                           str(ROOT / "jobs" / "lite0_imagenet_sample.toml"), "--model",
+                           str(tmp_path / "missing.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "python -m convert" not in proc.stderr  # not the job's model
+    job = load_job(ROOT / "jobs" / "lite0_imagenet_sample.toml")
+    assert job.missing_model(str(tmp_path / "nope.onnx")) == (
+        f"--model: {tmp_path / 'nope.onnx'} does not exist yet; the job "
+        f"{ROOT / 'jobs' / 'lite0_imagenet_sample.toml'} makes it with: "
+        "python -m convert.lite2onnx --variant lite0 runs/models/efficientnet_lite0.onnx")
+    b3 = load_job(ROOT / "jobs" / "efficientnet_b3_ascend310.toml")
+    assert [c.split()[2] for c in b3.make_model] == ["convert.pth2onnx", "convert.onnx2om"]
+    assert b3.missing_model(str(ROOT / "jobs")) is None  # it exists

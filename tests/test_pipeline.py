@@ -203,16 +203,16 @@ def test_a_sweep_keeps_its_device_actors(ray_session, tmp_path):
     with Evaluator() as evaluator:
         results = [evaluator.run(RunConfig(backend="emulated", devices="0-1", batch_size=bs,
                                            pure_infer=True, rounds=3, progress=False,
-                                           emulated_latency_ms=1.0, out=str(tmp_path / str(bs))),
+                                           emulated_latency_ms=0.0, out=str(tmp_path / str(bs))),
                                  keep_devices=True) for bs in (1, 2)]
         pids = [sorted(d["pid"] for d in r.devices) for r in results]
         assert pids[0] == pids[1]  # the same actors, warmed up again at the new size
         other = evaluator.run(RunConfig(backend="emulated", devices="0-1", batch_size=2,
                                         pure_infer=True, rounds=3, progress=False,
-                                        emulated_latency_ms=2.0, out=str(tmp_path / "o")))
+                                        emulated_latency_ms=1.0, out=str(tmp_path / "o")))
         assert sorted(d["pid"] for d in other.devices) != pids[0]  # another device setup
     assert evaluator.devices == []
-    assert [r.batches_per_call for r in results] == [64, 64]  # 1 ms batches: the cap
+    assert [r.batches_per_call for r in results] == [64, 64]  # free batches: the cap
 
 
 def test_driver_cost_is_reported_and_can_bound_the_run(ray_session, tmp_path):
@@ -231,3 +231,9 @@ def test_driver_cost_is_reported_and_can_bound_the_run(ray_session, tmp_path):
         160 / result.outcome.cpu_s, rel=1e-3)
     assert perf["stages"]["bound_by"] == "orchestration"
     assert "bound by orchestration" in format_table(perf, None)
+    # Start-up (this run's start -> its first device call) in parts, outside every figure.
+    assert {"checks and image list", "ray", "devices (actors, model load)", "warm-up",
+            "payload", "other"} <= set(perf["parts"])
+    assert perf["startup_s"] == pytest.approx(sum(perf["parts"].values()), abs=0.01)
+    assert perf["startup_s"] > perf["parts"]["devices (actors, model load)"] > 0
+    assert perf["teardown_s"] >= 0 and "start-up " in format_table(perf, None)

@@ -153,6 +153,38 @@ def test_run_folders_hold_each_folder_once_and_release_all(tmp_path):
     assert try_in_another_process(b).returncode == 0
 
 
+def test_a_folder_the_lock_made_goes_with_it_unless_a_run_used_it(tmp_path):
+    folders = RunFolders()
+    empty, wrote, started, old = (tmp_path / n for n in ("empty", "wrote", "started", "old"))
+    old.mkdir()
+    for folder in (empty, wrote, started, old):
+        folders.hold(folder)
+    (wrote / "journal.jsonl").write_text("{}\n")
+    folders.used(started)  # e.g. a pure-infer run whose reports are written after release
+    folders.release()
+    assert not empty.exists()  # a run refused before it started leaves no trace
+    assert (wrote / "journal.jsonl").exists() and started.is_dir() and old.is_dir()
+
+
+def test_a_lock_won_on_a_file_its_holder_removed_is_taken_again(tmp_path, monkeypatch):
+    opened = []
+    real = runlock.FileLock._open_and_lock
+
+    def open_then_lose_the_race(path, *args):
+        fd = real(path, *args)
+        if not opened:  # the holder removed its folder between our open and our lock
+            os.unlink(path)
+        opened.append(os.fstat(fd).st_ino)
+        return fd
+
+    monkeypatch.setattr(runlock.FileLock, "_open_and_lock", staticmethod(open_then_lose_the_race))
+    lock = hold_run_folder(tmp_path / "run")
+    assert len(opened) == 2 and os.stat(tmp_path / "run" / LOCK_NAME).st_ino == opened[1]
+    monkeypatch.undo()
+    assert try_in_another_process(tmp_path / "run").returncode == 1
+    lock.release()
+
+
 MOUNTINFO = """\
 27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
 36 27 0:32 / /mnt/gcs rw,nosuid,nodev,relatime shared:5 - fuse.gcsfuse bucket rw,user_id=0
