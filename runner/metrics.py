@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,19 +40,29 @@ class LabelFile:
     def check_range(self, num_classes: int) -> None:
         """Every class must be one the model can score, 0..N-1 with N = num_classes minus the
         background index; a label outside it would be counted as a silent wrong answer."""
-        offset = label_offset(num_classes)
-        n = num_classes - offset
+        n = num_classes - label_offset(num_classes)
         bad = [(line, key) for key, line in self.lines.items() if not 0 <= self.classes[key] < n]
-        if not bad:
-            return
-        line, key = min(bad)
-        model = f"a {num_classes}-class model" + (" (index 0 is background)" if offset else "")
-        hint = ""
-        if min(self.classes.values()) >= 1 and max(self.classes.values()) <= n:
-            hint = (f"; every label lies in 1..{n} and none is 0: the file looks 1-based (the "
-                    "ILSVRC devkit's ground truth is, and its class order differs too)")
-        raise LabelError(f"labels file {self.path}:{line}: class {self.classes[key]} is outside "
-                         f"0..{n - 1}, the valid classes for {model}{hint}")
+        if bad:
+            line, key = min(bad)
+            raise class_range_error(f"labels file {self.path}:{line}", self.classes[key],
+                                    num_classes, self.classes.values())
+
+
+def class_range_error(where: str, value: int, num_classes: int,
+                      values: Iterable[int]) -> LabelError:
+    """The one-line error for a label outside the model's classes, ``where`` naming its
+    source (a labels file's line, a shard's ``.cls`` member), with a hint when every label
+    of that source looks 1-based."""
+    offset = label_offset(num_classes)
+    n = num_classes - offset
+    values = list(values)
+    model = f"a {num_classes}-class model" + (" (index 0 is background)" if offset else "")
+    hint = ""
+    if min(values) >= 1 and max(values) <= n:
+        hint = (f"; every label lies in 1..{n} and none is 0: the file looks 1-based (the "
+                "ILSVRC devkit's ground truth is, and its class order differs too)")
+    return LabelError(f"{where}: class {value} is outside 0..{n - 1}, the valid classes for "
+                      f"{model}{hint}")
 
 
 def read_labels(path: str | Path) -> LabelFile:

@@ -2,9 +2,10 @@
 
 A recipe is split in two stages so that only compact data crosses the object store:
 
-* ``load_crop`` (preprocessing actors): decode, resize and crop.  It returns the crop as
-  HWC uint8 RGB where the reference allows it (``huawei``, ``tf-lite``), or as HWC float32
-  where the reference resizes floats (``pycls``: /255 happens *before* the resize, so no
+* ``decode_crop`` (preprocessing actors, on bytes from ``runner.sources``; ``load_crop`` for
+  a local file): decode, resize and crop.  It returns the crop as HWC uint8 RGB where the
+  reference allows it (``huawei``, ``tf-lite``), or as HWC float32 where the reference
+  resizes floats (``pycls``: /255 happens *before* the resize, so no
   uint8 intermediate can reproduce its tensors exactly).
 * ``to_tensor`` (device actors): normalise, reorder channels and lay out as NCHW float32,
   with exactly the reference's float32 operations in the reference's order.
@@ -12,6 +13,7 @@ A recipe is split in two stages so that only compact data crosses the object sto
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,24 +163,27 @@ def tf_crop_box(width: int, height: int, recipe: Recipe) -> tuple[int, int, int]
 # --------------------------------------------------------------------------- decoding
 
 
-def _check_file(path: Path) -> None:
+def read_file(path: str | Path) -> bytes:
+    """A local image file's bytes; ``ImageError`` naming the file when it cannot be read."""
     try:
-        size = path.stat().st_size
+        return Path(path).read_bytes()
     except FileNotFoundError:
-        raise ImageError("file not found") from None
-    if size == 0:
-        raise ImageError("empty file (0 bytes)")
+        raise ImageError(f"file not found: {path}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _open_pil(path: Path) -> Image.Image:
-    _check_file(path)
+def _check_bomb(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(
+            f"{width}x{height} exceeds the decompression-bomb limit of {MAX_IMAGE_PIXELS} pixels"
+        )
+
+
+def _open_pil(data: bytes, name: str) -> Image.Image:
     try:
-        im = Image.open(path)
-        if im.width * im.height > MAX_IMAGE_PIXELS:
-            raise ImageError(
-                f"{im.width}x{im.height} exceeds the decompression-bomb limit of "
-                f"{MAX_IMAGE_PIXELS} pixels"
-            )
+        im = Image.open(io.BytesIO(data))
+        _check_bomb(im.width, im.height)
         im.load()
         return im
     except ImageError:
@@ -188,38 +193,37 @@ def _open_pil(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError("cannot decode: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot decode: {str(exc).replace(str(path), '<file>')}") from None
+        text = str(exc).replace(name, "<file>") if name else str(exc)
+        raise ImageError(f"cannot decode: {text}") from None
 
 
-def _decode_cv2(path: Path) -> np.ndarray:
-    _check_file(path)
-    data = np.fromfile(path, dtype=np.uint8)
+def _decode_cv2(data: bytes) -> np.ndarray:
     # Check the pixel count from the header before cv2 allocates the full image.
     try:
-        with Image.open(path) as probe:
-            if probe.width * probe.height > MAX_IMAGE_PIXELS:
-                raise ImageError(
-                    f"{probe.width}x{probe.height} exceeds the decompression-bomb limit of "
-                    f"{MAX_IMAGE_PIXELS} pixels"
-                )
+        with Image.open(io.BytesIO(data)) as probe:
+            _check_bomb(probe.width, probe.height)
     except ImageError:
         raise
     except Exception:  # noqa: BLE001 - cv2 may still decode what PIL cannot identify
         pass
-    im = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    im = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if im is None:
         raise ImageError("cannot decode: OpenCV could not read the data")
     return im
 
 
-def load_crop(path: str | Path, recipe: Recipe) -> np.ndarray:
-    """Decode ``path`` and return the recipe's crop as HWC (uint8 RGB or float32).
+def decode_crop(data: bytes, recipe: Recipe, name: str = "") -> np.ndarray:
+    """Decode an image's bytes and return the recipe's crop as HWC (uint8 RGB or float32).
 
-    Raises ``ImageError`` with a one-line reason for anything that is not a usable image.
+    The same bytes give the same crop wherever they were read from (a file, a tar member,
+    an object store).  Raises ``ImageError`` with a one-line reason for anything that is not
+    a usable image; ``name`` (the image's file or member name) is kept out of that reason,
+    which reports print beside the name.
     """
-    path = Path(path)
+    if len(data) == 0:
+        raise ImageError("empty file (0 bytes)")
     if recipe.decoder == "cv2":
-        bgr = _decode_cv2(path)
+        bgr = _decode_cv2(data)
         im = bgr[:, :, ::-1].astype(np.float32) / 255  # pycls: HWC/BGR/int -> RGB/float
         h, w = im.shape[:2]
         nw, nh = resized_size(w, h, recipe)
@@ -228,7 +232,7 @@ def load_crop(path: str | Path, recipe: Recipe) -> np.ndarray:
         left, top = crop_offsets(nw, nh, recipe)
         return np.ascontiguousarray(im[top : top + recipe.crop, left : left + recipe.crop])
 
-    im = _open_pil(path)
+    im = _open_pil(data, name)
     if im.mode != "RGB":
         im = im.convert("RGB")
     resample = Image.BICUBIC if recipe.interpolation == "bicubic" else Image.BILINEAR
@@ -242,6 +246,11 @@ def load_crop(path: str | Path, recipe: Recipe) -> np.ndarray:
         im = im.resize((nw, nh), resample)
     left, top = crop_offsets(nw, nh, recipe)
     return np.asarray(im.crop((left, top, left + recipe.crop, top + recipe.crop)))
+
+
+def load_crop(path: str | Path, recipe: Recipe) -> np.ndarray:
+    """``decode_crop`` of a local file's bytes (``ImageError`` when it cannot be read)."""
+    return decode_crop(read_file(path), recipe, str(path))
 
 
 # --------------------------------------------------------------------------- tensors
