@@ -179,8 +179,10 @@ def _stat(urls: list[str], folders: dict[str, dict[str, dict]]) -> dict[str, tup
         if parent not in folders:
             folders[parent] = {}
             if not url.startswith(("http://", "https://")):
+                folder = fs_path.rsplit("/", 1)[0]
+                fs.invalidate_cache(folder)  # s3fs/gcsfs keep listings: a shard may be new
                 try:
-                    listed = with_retries(fs.ls, fs_path.rsplit("/", 1)[0], detail=True)
+                    listed = with_retries(fs.ls, folder, detail=True)
                     folders[parent] = {e["name"]: e for e in listed}
                 except FileNotFoundError:
                     pass

@@ -11,6 +11,7 @@ credentials come from the environment of the process that reads (e.g. ``AWS_ENDP
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +28,9 @@ RETRIES = 3
 RETRY_WAIT_S = 0.5
 #: Environment variables that decide how fsspec's filesystems reach a store.
 ENV_PREFIXES = ("AWS_", "FSSPEC_", "GOOGLE_", "GCSFS_", "S3FS_")
+#: How s3fs/gcsfs translate a request the store refused (4xx): invalid (a range past the end),
+#: absent, denied.
+CLIENT_ERRNOS = {errno.EINVAL, errno.ENOENT, errno.EACCES, errno.EPERM}
 
 T = TypeVar("T")
 
@@ -95,7 +99,9 @@ def with_retries(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
             raise
         # Network failures arrive as OSError (s3fs translates botocore's), aiohttp's
         # ClientError and botocore's own types, which share no base but Exception.
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, OSError) and exc.errno in CLIENT_ERRNOS:
+                raise  # the store refused the request itself: asking again will not help
             time.sleep(RETRY_WAIT_S * 2**attempt)
     return call(*args, **kwargs)
 

@@ -1,6 +1,8 @@
 """Recipes against hand-computed geometry and independent transcriptions of the references."""
 
 import math
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -9,8 +11,10 @@ from conftest import VAL_ORIG, needs_val_orig
 from PIL import Image
 
 from runner.preprocess import (
+    MAX_IMAGE_PIXELS,
     ImageError,
     crop_offsets,
+    decode_crop,
     get_recipe,
     load_crop,
     reference_tensor,
@@ -138,16 +142,62 @@ def test_uint8_lookup_equals_direct_float_math():
     assert np.array_equal(lite, expect)
 
 
+def tflite_transcription(path):
+    """TF EfficientNet-Lite eval written out plainly with PIL + numpy."""
+    img = Image.open(path).convert("RGB")
+    w, h = img.size
+    side = int(224 / 256 * min(w, h))
+    left, top = (w - side + 1) // 2, (h - side + 1) // 2
+    img = img.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC)
+    return ((np.asarray(img, np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
+
+
 def test_tf_lite_transcription(tmp_path):
     rng = np.random.default_rng(3)
     path = tmp_path / "x.JPEG"
     Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(path)
-    img = Image.open(path).convert("RGB")
-    side = int(224 / 256 * 375)
-    left, top = (500 - side + 1) // 2, (375 - side + 1) // 2
-    img = img.crop((left, top, left + side, top + side)).resize((224, 224), Image.BICUBIC)
-    expect = ((np.asarray(img, np.float32) - 127.0) / 128.0).transpose(2, 0, 1)
-    assert np.array_equal(reference_tensor(path, TFLITE), expect)
+    assert tf_crop_box(500, 375, TFLITE) == (86, 24, 328)
+    assert np.array_equal(reference_tensor(path, TFLITE), tflite_transcription(path))
+
+
+@needs_val_orig
+def test_decode_crop_of_bytes_is_the_tf_lite_reference_on_real_images():
+    for p in sorted(VAL_ORIG.glob("*.JPEG")):
+        crop = decode_crop(p.read_bytes(), TFLITE, p.name)
+        ours = to_tensor(crop[None], TFLITE)[0]
+        ref = tflite_transcription(p)
+        assert np.array_equal(ours, ref), f"{p.name}: max diff {np.abs(ours - ref).max()}"
+
+
+def png_claiming(width, height):
+    """A small PNG whose header claims ``width`` x ``height`` (valid CRCs), pixels absent."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
+
+
+def test_decode_crop_errors_are_load_crops(tmp_path):
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (400, 400), (10, 20, 30)).save(good)
+    cases = {"empty.JPEG": b"", "text.JPEG": b"this is not a jpeg\n",
+             "truncated.JPEG": good.read_bytes()[:300], "bomb.png": png_claiming(9000, 9000)}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        for recipe in (HUAWEI, PYCLS, TFLITE):
+            with pytest.raises(ImageError) as from_bytes:
+                decode_crop(data, recipe, name)
+            with pytest.raises(ImageError) as from_file:
+                load_crop(tmp_path / name, recipe)
+            assert str(from_bytes.value) == str(from_file.value)
+            assert name not in str(from_bytes.value) and "\n" not in str(from_bytes.value)
+    with pytest.raises(ImageError, match="^empty file \\(0 bytes\\)$"):
+        decode_crop(b"", HUAWEI, "x.JPEG")
+    with pytest.raises(ImageError, match=f"^9000x9000 exceeds the decompression-bomb limit of "
+                                         f"{MAX_IMAGE_PIXELS} pixels$"):
+        decode_crop(cases["bomb.png"], PYCLS, "bomb.png")
 
 
 def test_bad_files_raise_one_line_image_errors(tmp_path):
@@ -161,7 +211,7 @@ def test_bad_files_raise_one_line_image_errors(tmp_path):
             with pytest.raises(ImageError) as err:
                 load_crop(tmp_path / name, recipe)
             assert "\n" not in str(err.value)
-    with pytest.raises(ImageError, match="not found"):
+    with pytest.raises(ImageError, match=f"^file not found: {tmp_path / 'missing.JPEG'}$"):
         load_crop(tmp_path / "missing.JPEG", HUAWEI)
 
 
