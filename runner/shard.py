@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix", default="shard", help="shard file names: PREFIX-000000.tar")
     p.add_argument("--limit", type=int, help="only the first N images")
     args = p.parse_args(argv)
-    if args.shard_size < 1:
-        p.error(f"--shard-size must be at least 1, got {args.shard_size}")
     try:
+        if args.shard_size < 1:
+            raise DatasetError(f"--shard-size must be at least 1, got {args.shard_size}")
         dataset = load_dataset(args.images, args.labels, args.limit)
         taken = _existing_shards(args.out, args.prefix)
         if taken:
