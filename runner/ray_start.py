@@ -38,12 +38,12 @@ def use_own_token(dashboard: bool) -> None:
     AuthenticationTokenLoader's order, before RAY_AUTH_TOKEN_PATH and the file) lives only
     in the environment of this process and its Ray processes, which only this user can
     read.  With ``--dashboard`` the browser needs the token, so Ray's file is used instead
-    (``ray get-auth-token`` prints it).  A mode or token the user set is kept.
+    (``ray get-auth-token`` prints it).  A mode (``disabled`` included) or a token the user
+    set is kept.
     """
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    os.environ["RAY_AUTH_MODE"] = "token"
-    if not dashboard and not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if (mode.lower() == "token" and not dashboard
+            and not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ)):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # as Ray's own generator
     # The driver's RayConfig read RAY_* variables when ray was imported; this re-reads them,
     # as Ray does after setting the mode (authentication_token_setup._enable_token_auth).
