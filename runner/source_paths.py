@@ -94,6 +94,9 @@ def read_list_file(path: str) -> tuple[str, ...]:
 
 
 def _remote_folder(url: str) -> SourceSpec:
+    if url.startswith(("http://", "https://")):
+        raise DatasetError(f"--images: {url}: a web server's folder cannot be listed; name the "
+                           "shards with a brace pattern or a list file")
     fs, fs_path = filesystem(url)
     try:
         names = fs.ls(fs_path, detail=False)

@@ -192,6 +192,8 @@ def _stat(urls: list[str], folders: dict[str, dict[str, dict]]) -> dict[str, tup
                 info = with_retries(fs.info, fs_path)
             except FileNotFoundError:
                 raise DatasetError(f"--images: shard {url} does not exist") from None
+        if info.get("size") is None:
+            raise DatasetError(f"--images: {url}: the server does not say the shard's size")
         out[url] = (int(info["size"]), _version(info))
     return out
 

@@ -100,7 +100,9 @@ def with_retries(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         # Network failures arrive as OSError (s3fs translates botocore's), aiohttp's
         # ClientError and botocore's own types, which share no base but Exception.
         except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, OSError) and exc.errno in CLIENT_ERRNOS:
+            status = getattr(exc, "status", None)  # aiohttp's ClientResponseError (http)
+            if (isinstance(exc, OSError) and exc.errno in CLIENT_ERRNOS) or (
+                    isinstance(status, int) and 400 <= status < 500):
                 raise  # the store refused the request itself: asking again will not help
             time.sleep(RETRY_WAIT_S * 2**attempt)
     return call(*args, **kwargs)

@@ -66,18 +66,26 @@ class S3Server:
     def create_bucket(self, bucket: str) -> None:
         self.client().create_bucket(Bucket=bucket)
 
-    def upload(self, bucket: str, objects: dict[str, Path | bytes]) -> list[str]:
-        """Put each ``key: file or bytes``; returns the ``s3://`` URLs."""
+    def upload(self, bucket: str, objects: dict[str, Path | bytes],
+               public: bool = False) -> list[str]:
+        """Put each ``key: file or bytes``; returns the ``s3://`` URLs.  ``public`` objects
+        can also be read anonymously over plain HTTP at ``http_url``."""
         client = self.client()
+        acl = {"ACL": "public-read"} if public else {}
         for key, body in objects.items():
             data = body if isinstance(body, bytes) else Path(body).read_bytes()
-            client.put_object(Bucket=bucket, Key=key, Body=data)
+            client.put_object(Bucket=bucket, Key=key, Body=data, **acl)
         return [f"s3://{bucket}/{key}" for key in objects]
 
-    def upload_folder(self, bucket: str, folder: Path, prefix: str = "") -> list[str]:
+    def upload_folder(self, bucket: str, folder: Path, prefix: str = "",
+                      public: bool = False) -> list[str]:
         """Every file of ``folder`` (not recursive) under ``prefix``."""
         files = {f"{prefix}{p.name}": p for p in sorted(Path(folder).iterdir()) if p.is_file()}
-        return self.upload(bucket, files)
+        return self.upload(bucket, files, public)
+
+    def http_url(self, bucket: str, key: str) -> str:
+        """A public object's plain HTTP address (path-style, as moto serves it)."""
+        return f"{self.endpoint}/{bucket}/{key}"
 
     @contextmanager
     def environment(self) -> Iterator[dict[str, str]]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -75,7 +77,7 @@ def val227_forms(tmp_path_factory, s3):
     listed = base / "shards.txt"
     listed.write_text("# val_227 in two shards\nshards/val-000000.tar\n\nshards/val-000001.tar\n")
     s3.create_bucket("val227")
-    s3.upload_folder("val227", shards)
+    s3.upload_folder("val227", shards, public=True)
     return {
         "folder": (str(VAL_227), str(labels)),
         "imagefolder": (str(tree), None),
@@ -87,6 +89,7 @@ def val227_forms(tmp_path_factory, s3):
         "shards list": (str(listed), None),
         "shards without index": (str(bare), None),
         "shards on s3": ("s3://val227/val-{000000..000001}.tar", None),
+        "shards over http": (s3.http_url("val227", "val-{000000..000001}.tar"), None),
     }
 
 
@@ -103,7 +106,8 @@ RULES = {
 
 @needs_val_227
 @pytest.mark.parametrize("form", list(RULES) + ["shards dir", "shards brace", "shards list",
-                                                "shards without index", "shards on s3"])
+                                                "shards without index", "shards on s3",
+                                                "shards over http"])
 def test_every_source_lists_val_227_alike_and_reads_its_bytes(val227_forms, form):
     reference = load_dataset(*val227_forms["folder"])
     dataset = load_dataset(*val227_forms[form])
@@ -394,7 +398,7 @@ def test_s3_without_index_and_truncated(tmp_path, small_shards, s3, monkeypatch)
                       "none.tar:y.JPEG: shard not found: s3://bare/a/none.tar"]
 
 
-def test_runner_shard_writes_to_s3(tmp_path, s3):
+def test_runner_shard_writes_to_s3_and_a_child_process_reads_them(tmp_path, s3):
     write_images(tmp_path / "images", 5)
     s3.create_bucket("written")
     assert shard_main([str(tmp_path / "images"), "s3://written/val", "--labels",
@@ -403,6 +407,12 @@ def test_runner_shard_writes_to_s3(tmp_path, s3):
     local = load_dataset(tmp_path / "images", tmp_path / "images" / "val_label.txt")
     assert by_name(dataset) == by_name(local)
     assert read_images(dataset.locations) == read_images(local.locations)
+    # Another process finds the store through the environment it inherits (as Ray workers do).
+    proc = subprocess.run([sys.executable, "-m", "runner.shard", "s3://written/val",
+                           str(tmp_path / "back")], capture_output=True, text=True,
+                          env={**os.environ, **s3.env})
+    assert proc.returncode == 0, proc.stderr
+    assert by_name(load_dataset(tmp_path / "back", None)) == by_name(local)
 
 
 def test_forwarded_env_names_the_store_variables():
