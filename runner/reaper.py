@@ -37,7 +37,6 @@ LOG_NAME = "cardrunner_reaper.log"  # in the session's logs folder
 class Owner:
     """What every process of the driver's embedded instances shares with the driver."""
 
-    uid: int
     sid: int  # Ray never calls setsid for its processes (workers only setpgid)
     since: int  # the driver's start time in clock ticks: older processes are not ours
 
@@ -171,7 +170,7 @@ def watch() -> None:
     folders = dict.fromkeys(line.strip() for line in sys.stdin if line.strip())  # until EOF
     wait_for_exit(driver, since)
     for folder in folders:
-        killed = kill_processes_under([folder], Owner(os.getuid(), sid, since))
+        killed = kill_processes_under([folder], Owner(sid, since))
         if killed:
             print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} driver gone; SIGKILLed "
                   f"{len(killed)} leftover processes of {folder}: {', '.join(killed)}")
