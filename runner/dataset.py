@@ -60,8 +60,8 @@ class Dataset:
         it).  Tars: each tar's path or URL, size and version (mtime, ETag or generation),
         and which members are listed; no image byte is read."""
         if self.shard_of is None:
-            root = Path(self.root).resolve()
-            h = hashlib.sha256(str(root).encode())
+            h = hashlib.sha256(str(Path(self.root).resolve()).encode())
+            root = os.path.abspath(self.root)
             for loc in self.locations:
                 h.update(os.path.relpath(loc, root).encode() + b"\0")  # type: ignore[arg-type]
                 try:

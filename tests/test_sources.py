@@ -8,6 +8,7 @@ the forms' parsing and the label rules use small synthetic tars.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -420,3 +421,15 @@ def test_forwarded_env_names_the_store_variables():
            "GOOGLE_APPLICATION_CREDENTIALS": "/k.json", "PATH": "/bin"}
     assert forwarded_env(env) == {k: env[k] for k in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ANON",
                                                       "GOOGLE_APPLICATION_CREDENTIALS")}
+
+
+def test_folder_fingerprint_is_unchanged_so_old_caches_still_match(tmp_path):
+    """A flat folder's identity is what it was before other sources existed: the resolved
+    folder, then each name with its size and mtime."""
+    write_images(tmp_path / "images", 3)
+    h = hashlib.sha256(str((tmp_path / "images").resolve()).encode())
+    for i in range(1, 4):
+        name = f"ILSVRC2012_val_{i:08d}.JPEG"
+        st = (tmp_path / "images" / name).stat()
+        h.update(name.encode() + b"\0" + f"{st.st_size}:{st.st_mtime_ns}".encode() + b"\0")
+    assert load_dataset(tmp_path / "images", None).fingerprint() == h.hexdigest()[:16]
