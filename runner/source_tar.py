@@ -68,7 +68,6 @@ class ShardListing:
     size: int
     version: str  # ETag, generation or mtime: with url and size, the shard's identity
     listing: TarListing
-    indexed: bool  # listed from its index, without reading the tar
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -239,13 +238,13 @@ def list_shard(url: str, size: int, version: str, index: bytes | None) -> ShardL
     if index is not None:
         indexed_size, listing = decode_index(index, index_url(url))
         if indexed_size == size:
-            return ShardListing(url, size, version, listing, True)
+            return ShardListing(url, size, version, listing)
         stale = listing
     listing = scan_tar(url, size)
     if stale is not None:
         found = {e.name for e in listing.entries}
         listing.lost = [e for e in stale.entries if e.name not in found]
-    return ShardListing(url, size, version, listing, False)
+    return ShardListing(url, size, version, listing)
 
 
 def list_tars(urls: list[str]) -> Iterator[ShardListing]:

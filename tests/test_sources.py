@@ -227,6 +227,20 @@ def test_truncated_shard_names_its_lost_samples_and_keeps_the_rest(small_shards,
                           f"to byte {third.end} but the shard ends at byte {end}")
 
 
+def test_shard_cut_between_members_is_named(small_shards):
+    _, out = small_shards
+    tar = out / "shard-000001.tar"
+    entries = source_tar.scan_tar(str(tar), tar.stat().st_size).entries
+    with open(tar, "r+b") as f:
+        f.truncate(entries[4].offset - 512)  # right before the 3rd image's header
+    (out / "shard-000001.tar.index.json").unlink()
+    dataset = load_dataset(str(out / "shard-000001.tar"), None)
+    assert dataset.names == ["ILSVRC2012_val_00000005.JPEG", "ILSVRC2012_val_00000006.JPEG"]
+    assert reasons(dataset)["shard-000001.tar"] == (
+        f"shard {tar}: ends after 4 members without the end-of-archive blocks: the shard looks "
+        "truncated")
+
+
 def test_sample_without_image_and_bad_labels_are_issues(tmp_path):
     jpeg = (VAL_ORIG / "ILSVRC2012_val_00000011.JPEG").read_bytes() if VAL_ORIG.is_dir() \
         else b"\xff\xd8 not decoded here"
