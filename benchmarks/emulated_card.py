@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 
 import common
@@ -51,7 +50,6 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/results/emulated_card.json")
     args = p.parse_args()
     chips = [int(c) for c in args.chips.split(",")]
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start_ray(None, {EMULATED_RESOURCE: max(chips)})
     rows = []
     sizes = [int(b) for b in args.batch_sizes.split(",")]

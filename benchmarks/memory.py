@@ -60,7 +60,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     folder = Path(tempfile.gettempdir()) / "cardrunner-memory-images"
     labels = make_images(folder, max(sizes))
-    env = dict(os.environ, PYTHONPATH=str(common.ROOT), RAY_AUTH_MODE="disabled")
+    env = dict(os.environ, PYTHONPATH=str(common.ROOT))
     rows = []
     for n in sizes:
         keep = "0" if args.no_logits else "1"

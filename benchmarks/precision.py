@@ -72,7 +72,6 @@ def main() -> None:
     p.add_argument("--json", default="benchmarks/results/precision.json")
     args = p.parse_args()
     os.chdir(common.ROOT)  # model paths and --json are relative to the checkout
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     models = dict(spec.split("=", 1) for spec in (args.model or MODELS))
     missing = [path for path in models.values() if not Path(path).is_file()]

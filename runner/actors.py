@@ -25,12 +25,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .backends import BackendOptions, open_backend
 from .binding import bind_device
-from .cache import CropCache
+from .cache import CacheWriter, CropCache
 from .config import ConfigError, RunConfig
 from .devices import DeviceKind, DeviceRef, NodeInfo, device_actor_options
 from .errors import one_line
 from .metrics import TOPK, topk_indices
-from .preprocess import ImageError, get_recipe, load_crop, to_tensor
+from .preprocess import ImageError, decode_crop, get_recipe, to_tensor
+from .sources import Location, forwarded_env, read_images
 
 #: Seconds to wait for an actor to start (a model load) or to warm up (a first batch).
 START_TIMEOUT_S = 300
@@ -38,6 +39,8 @@ START_TIMEOUT_S = 300
 #: fails (then the driver makes it again, one batch per call, up to its own limit): a batch
 #: whose images crash the decoder is given up, a preprocessor lost once is not.
 PREP_TASK_RETRIES = 2
+#: CPUs a preprocessing actor reserves: a token, see ``start_preprocessors``.
+PREP_CPUS = 0.01
 
 log = logging.getLogger("cardrunner")
 
@@ -62,6 +65,7 @@ class Payload:
     parts: list[Part]
     ready_at: float | None  # time.time() when the payload was made; None: made before the run
     tensor: bool = False  # pixels already are the model's input (pure-infer)
+    node: str = ""  # the Ray node that decoded it
 
     def part_pixels(self, part: int) -> np.ndarray:
         start = sum(len(p.indices) for p in self.parts[:part])
@@ -85,6 +89,7 @@ class BatchReply:
     infer_s: float  # inside the runtime call only
     run_start: float
     run_end: float
+    decoded_on: str = ""  # the Ray node whose preprocessor made the batch
 
     @property
     def n(self) -> int:
@@ -95,52 +100,97 @@ class BatchReply:
 
 
 class Preprocessor:
-    """Owns one shard of the image list and turns batches of it into crops."""
+    """Decodes the images of the calls it is given: one or more per node, holding no part of
+    the data set, so that any preprocessor of a node serves any call routed to that node and
+    Ray can restart one anywhere."""
 
-    def __init__(self, shard: list[tuple[int, str]], recipe: str, cache: CropCache | None = None):
-        self.shard = shard
+    def __init__(self, recipe: str):
         self.recipe = get_recipe(recipe)
-        self.cache = cache
-        self.writer = cache.writer() if cache is not None and not cache.complete else None
+        self.node = ray.get_runtime_context().get_node_id()
+        self.writers: dict[str, CacheWriter] = {}  # one per cache being built, this process
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        return self.node
 
-    def load(self, ranges: list[tuple[int, int]]) -> tuple[Payload, int]:
-        """Each position range [start, stop) of this shard is one batch -> (payload, images).
+    def load(self, batches: list[list[tuple[int, Location]]],
+             cache: CropCache | None = None) -> tuple[Payload, int]:
+        """Each list of (image index, location: a file or a tar member) is one batch ->
+        (payload, images).
 
         Called with ``num_returns=2``: the payload goes to a device actor; the tiny count
         lets the driver tell a failed preprocessing from a failed device.
         """
         arrays, parts = [], []
-        for start, stop in ranges:
+        for items in batches:
             t0 = time.perf_counter()
-            pixels, part = self._decode(self.shard[start:stop])
+            pixels, part = self._decode(items, cache)
             arrays.append(pixels)
             parts.append(Part(part.indices, part.errors, time.perf_counter() - t0))
         pixels = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-        return Payload(pixels, parts, time.time()), sum(b - a for a, b in ranges)
+        return Payload(pixels, parts, time.time(), node=self.node), sum(map(len, batches))
 
-    def _decode(self, items: list[tuple[int, str]]) -> tuple[np.ndarray, Part]:
-        if self.cache is not None and self.cache.complete:
-            pixels, idx, errors = self.cache.batch([i for i, _ in items])
+    def _decode(self, items: list[tuple[int, Location]],
+                cache: CropCache | None) -> tuple[np.ndarray, Part]:
+        if cache is not None and cache.complete:
+            pixels, idx, errors = cache.batch([i for i, _ in items])
             return pixels, Part(idx, errors)
+        writer = None
+        if cache is not None:
+            writer = self.writers.get(cache.key) or self.writers.setdefault(cache.key,
+                                                                            cache.writer())
         crops, indices, errors = [], [], []
-        for index, path in items:
+        for (index, _), data in zip(items, read_images([loc for _, loc in items]), strict=True):
             try:
-                crop = load_crop(path, self.recipe)
+                if isinstance(data, ImageError):
+                    raise data
+                crop = decode_crop(data, self.recipe)
             except ImageError as exc:
                 errors.append((index, str(exc)))
-                if self.writer:
-                    self.writer.put_error(index, str(exc))
+                if writer:
+                    writer.put_error(index, str(exc))
                 continue
             crops.append(crop)
             indices.append(index)
-            if self.writer:
-                self.writer.put(index, crop)
+            if writer:
+                writer.put(index, crop)
         shape = (0, self.recipe.crop, self.recipe.crop, 3)
         pixels = np.stack(crops) if crops else np.zeros(shape, self.recipe.wire_dtype)
         return pixels, Part(np.asarray(indices, dtype=np.int64), errors)
+
+
+def start_preprocessors(nodes: list[NodeInfo], counts: list[int], recipe: str) -> dict[str, list]:
+    """``counts[i]`` preprocessing actors on ``nodes[i]``, created, not yet waited for."""
+    return {
+        node.name: [
+            ray.remote(Preprocessor).options(
+                # A preprocessor that dies (the OOM killer, a decoder crash, its node lost)
+                # is restarted by Ray, on its node or, once that node is gone, on another
+                # (soft affinity); the calls it was running are made again there.  Placed by
+                # affinity, not by CPU accounting: a whole CPU each would leave no room for
+                # a restarted one on the surviving nodes, and none at all would make Ray
+                # ignore the soft affinity (Ray 2.60 placed a zero-resource actor on another
+                # node of a 2-node cluster).
+                num_cpus=PREP_CPUS,
+                max_restarts=-1,
+                max_task_retries=PREP_TASK_RETRIES,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
+                # Where remote data lives and who asks for it (endpoint, credentials): from
+                # the driver's environment to every node's preprocessors.
+                runtime_env={"env_vars": env} if (env := forwarded_env()) else None,
+            ).remote(recipe)
+            for _ in range(count)
+        ]
+        for node, count in zip(nodes, counts, strict=True)
+    }
+
+
+def wait_for_preprocessors(preps: dict[str, list]) -> None:
+    """Block until every preprocessing actor is up; a one-line ConfigError if one is not."""
+    every = [p for group in preps.values() for p in group]
+    try:
+        ray.get([p.ready.remote() for p in every], timeout=START_TIMEOUT_S)
+    except (GetTimeoutError, RayError) as exc:
+        raise ConfigError(f"preprocessing actors did not start: {one_line(exc)}") from None
 
 
 class DeviceWorker:
@@ -255,7 +305,7 @@ class DeviceWorker:
                 batch, self.device, meta.indices, topk_indices(logits, TOPK),
                 logits if keep_logits else None, meta.errors, meta.decode_s,
                 max(0.0, start - ready), max(0.0, run_start - max(ready, previous)), conv,
-                infer_s, run_start, run_end))
+                infer_s, run_start, run_end, payload.node))
             previous = run_end
         return replies
 

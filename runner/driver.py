@@ -1,10 +1,12 @@
 """The driver loop: device calls out, replies in, failures re-queued.
 
-Each node has a queue of the batches its preprocessors own and a queue of calls to retry.
-A device with room takes work from its own node first and, once that is empty, from the
-fullest other node (whose crops then cross hosts).  A call is formed at that moment: up to
-``batches_per_call`` consecutive batches of one shard, and fewer near the end of the run,
-so that the devices finish together (guided self-scheduling).  Each device keeps
+Each node has a queue of the batches of its shards and a queue of calls to retry; a
+node's calls are decoded by that node's preprocessors, so no pixels cross hosts.  A device
+with room takes work from its own node; once that is empty, its node takes work over from
+the node with the most left: a whole shard no call has started, else a retry or a call's
+worth of batches, all decoded on the node that took them.  A call is formed when a device
+has room: up to ``batches_per_call`` consecutive batches of one shard, and fewer near the
+end of the run, so that the devices finish together (guided self-scheduling).  Each device keeps
 ``in_flight`` calls queued; its actor runs two at once, so one call's pixels arrive and
 convert while the other computes.
 
@@ -23,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -48,6 +50,9 @@ MAX_DEVICE_FAILURES = 2
 #: PREP_WAIT_S, before that counts as a failed attempt.
 PREP_RETRY_S = 1.0
 PREP_WAIT_S = 120.0
+#: How long to wait, after a run, for Ray to confirm that a node whose every device failed
+#: is dead (its health checks take ~15 s by default).
+NODE_LOSS_WAIT_S = 30.0
 
 log = logging.getLogger("cardrunner")
 
@@ -107,6 +112,7 @@ class DriveOutcome:
     calls: int = 0  # device calls submitted
     cpu_s: float = 0.0  # CPU time of the driver process while it drove (all its threads)
     nodes_lost: dict[str, float] = field(default_factory=dict)  # node -> seconds into the run
+    moves: list[dict[str, Any]] = field(default_factory=list)  # work a dry node took over
 
 
 SubmitPrep = Callable[[list[Batch]], tuple[Any, Any]]
@@ -134,10 +140,11 @@ class Driver:
         self.batches_per_call = batches_per_call
         self.keep_logits = keep_logits
         self.batch_timeout_s = batch_timeout_s
-        self.queues: dict[str, deque[Batch]] = {}
+        self.queues: dict[str, deque[Batch]] = {dev.node: deque() for dev in devices}
         for b in batches:
             self.queues.setdefault(b.node, deque()).append(b)
         self.retries: dict[str, deque[Call]] = {node: deque() for node in self.queues}
+        self.started: set[int] = set()  # shards some call has taken batches from
         self.pending: dict[Any, tuple[Call, DeviceState, float]] = {}
         self.waiting: list[tuple[float, Call]] = []  # (not before, call), in time order
         self.outcome = DriveOutcome(0.0, time.time())
@@ -161,9 +168,9 @@ class Driver:
             if done:
                 self.on_reply(done[0])
         self.give_up_rest()
-        self.note_lost_nodes()
         self.outcome.wall_s = time.time() - self.outcome.started
         self.outcome.cpu_s = time.process_time() - cpu0
+        self.note_lost_nodes()  # may wait for Ray to confirm: after the clock
         return self.outcome
 
     # ----------------------------------------------------------------- sending work
@@ -181,17 +188,54 @@ class Driver:
             dev.in_flight += 1
             self.outcome.calls += 1
 
-    def next_call(self, dev: DeviceState) -> Call | None:
-        """A retry or a new call from the device's own node, else from the fullest other."""
-        def work(node: str) -> int:
-            return len(self.queues.get(node, ())) + len(self.retries.get(node, ()))
+    def work(self, node: str) -> int:
+        return len(self.queues.get(node, ())) + len(self.retries.get(node, ()))
 
-        node = dev.node if work(dev.node) else max(self.queues, key=work, default="")
-        if not work(node):
-            return None
+    def next_call(self, dev: DeviceState) -> Call | None:
+        """A retry or a new call from the device's own node; work with no home node (pure
+        inference) next; else work taken over from another node."""
+        node = dev.node
+        if not self.work(node):
+            if self.work(""):
+                node = ""
+            elif not self.steal(node):
+                return None
         if self.retries[node]:
             return self.retries[node].popleft()
         return self.form_call(self.queues[node])
+
+    def steal(self, node: str) -> bool:
+        """``node`` ran dry: move work to it from the node with the most left, to be decoded
+        on ``node``: a whole shard that no call has started yet, else a retry, else the
+        last call's worth of batches.  Returns whether anything moved."""
+        victim = max((n for n in self.queues if n not in (node, "")), key=self.work,
+                     default=None)
+        if victim is None or not self.work(victim):
+            return False
+        queue = self.queues[victim]
+        shards = [b.shard for b in reversed(queue) if b.shard not in self.started]
+        if shards:
+            moved = [b for b in queue if b.shard == shards[0]]
+            self.queues[victim] = deque(b for b in queue if b.shard != shards[0])
+            self.queues[node].extend(replace(b, node=node) for b in moved)
+        elif self.retries[victim]:
+            call = self.retries[victim].pop()
+            moved = call.batches
+            call.batches = [replace(b, node=node) for b in call.batches]
+            call.payload = call.status = call.ready_seen = None  # decoded here, not shipped
+            self.retries[node].append(call)
+        else:
+            moved = [queue.pop()]
+            while (len(moved) < self.batches_per_call and queue
+                   and queue[-1].shard == moved[-1].shard and queue[-1].stop == moved[-1].start):
+                moved.append(queue.pop())
+            moved.reverse()
+            self.queues[node].extend(replace(b, node=node) for b in moved)
+        self.outcome.moves.append({
+            "at_s": round(time.time() - self.outcome.started, 3), "to": node, "from": victim,
+            "shard": moved[0].shard, "batches": [b.id for b in moved],
+            "whole_shard": bool(shards)})
+        return True
 
     def form_call(self, queue: deque[Batch]) -> Call:
         """Up to the call size of consecutive batches of one shard from the queue's front.
@@ -206,6 +250,7 @@ class Driver:
         while (len(batches) < size and queue and queue[0].shard == batches[-1].shard
                and queue[0].start == batches[-1].stop):
             batches.append(queue.popleft())
+        self.started.add(batches[0].shard)
         return Call(batches, list(range(len(batches))))
 
     # ----------------------------------------------------------------- replies
@@ -276,16 +321,27 @@ class Driver:
             log.warning("device %s dropped: %s", dev.device.ref, short_reason(reason))
 
     def note_lost_nodes(self) -> None:
-        """Nodes that died during the run: lost when their first device was dropped (Ray
-        itself notices a node's death only after its health checks time out)."""
-        dead = {d.device.node.name: d for d in self.devices
-                if not d.alive and not node_alive(d.device.node.node_id)}
-        for name in sorted(dead):
-            at = min(d.failed_at for d in self.devices if d.device.node.name == name
-                     and d.failed_at is not None)
-            self.outcome.nodes_lost[name] = at
-            log.warning("node %s lost at %.1f s: its devices were dropped and the other "
-                        "nodes finished its images", name, at)
+        """Nodes that died during the run, lost when their first device was dropped.
+
+        A node all of whose devices were dropped is asked about until Ray confirms its
+        death (Ray notices only once its health checks time out, ~15 s) or NODE_LOSS_WAIT_S
+        have passed; the others finished its work meanwhile, so this waits after the run."""
+        nodes = {d.device.node.node_id: d.device.node for d in self.devices}
+        suspects = {node_id: min(d.failed_at for d in self.devices
+                                 if d.device.node.node_id == node_id)
+                    for node_id in nodes
+                    if all(not d.alive for d in self.devices
+                           if d.device.node.node_id == node_id)}
+        deadline = time.time() + NODE_LOSS_WAIT_S
+        while suspects:
+            for node_id in [n for n in suspects if not node_alive(n)]:
+                at = suspects.pop(node_id)
+                self.outcome.nodes_lost[nodes[node_id].name] = at
+                log.warning("node %s lost at %.1f s: its devices were dropped and the other "
+                            "nodes finished its images", nodes[node_id].name, at)
+            if not suspects or time.time() > deadline:
+                break
+            time.sleep(0.5)
 
     def give_up(self, call: Call, reason: str) -> None:
         for batch in call.batches:

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="TOML job file (flags given here override its fields)")
     p.add_argument("--devices", help="e.g. 0-3, 0,2,5, 3 or all (default 0)")
     p.add_argument("--model", help=".onnx (onnxruntime) or .om / manifest.json (acl)")
-    p.add_argument("--images", help="folder of validation images")
-    p.add_argument("--labels", help="val_label.txt: '<image> <class index>' per line")
+    p.add_argument("--images", help="validation images: a folder, an ImageFolder tree (one "
+                   "folder per class), a .tar, WebDataset shards (a folder of .tar, a brace "
+                   "pattern or a list file), or any tar form at a URL (s3://, gs://, https://)")
+    p.add_argument("--labels", help="'<image> <class index>' per line (val_label.txt), or "
+                   "imagenet-val for the official 50,000-image ground truth; optional for "
+                   "class folders and shards with <key>.cls")
     p.add_argument("--batch-size", type=batch_sizes, metavar="N[,N...]",
                    help="default 16, or the job's batch_sizes; several (1,4,16) run a sweep "
                    "in one Ray instance, each size in OUT/bs<N>, with OUT/sweep.json")

@@ -22,6 +22,7 @@ from .config import ConfigError, RunConfig
 from .dataset import Dataset, load_dataset
 from .devices import (
     EMULATED_RESOURCE,
+    NodeInfo,
     cluster_nodes,
     device_kind,
     parse_devices,
@@ -155,6 +156,8 @@ class Evaluator:
     def __init__(self) -> None:
         self.devices: list[actors.Device] = []
         self.key: tuple | None = None
+        self.preprocessors: dict[str, list] = {}  # node name -> actors, for dataset runs
+        self.preprocessors_key: tuple | None = None
         self.folders = RunFolders()
         began = process_start_time()  # a first run's start-up includes the command's own
         self.clock = StartupClock(began or time.time())
@@ -172,7 +175,11 @@ class Evaluator:
             self.folders.release()
 
     def close(self) -> list[str]:
-        """Tear the device actors down; one line per device whose teardown failed."""
+        """Tear the actors down; one line per device whose teardown failed."""
+        for group in self.preprocessors.values():
+            for prep in group:
+                ray.kill(prep)
+        self.preprocessors, self.preprocessors_key = {}, None
         devices, self.devices, self.key = self.devices, [], None
         return actors.close_devices(devices) if devices else []
 
@@ -227,15 +234,20 @@ class Evaluator:
             nodes = cluster_nodes(kind.resource, every_core_once=selection.all)
             placed = place_devices(selection, nodes, kind.label,
                                    ray.get_runtime_context().get_node_id(), kind.missing)
+            # Preprocessors start up while the devices load their models.
+            self._start_preprocessors(plan, backend, [node for _, node in placed])
             self.devices = actors.start_devices(cfg, backend, kind, plan.recipe, placed,
                                                 bind_chips=not selection.all)
             self.key = key
             clock.mark("devices (actors, model load)")
         try:
+            self._start_preprocessors(plan, backend, [d.node for d in self.devices])
             for device in self.devices:
                 check_input(device.info, plan.recipe, cfg.model)
             batch_s = actors.warm_up(self.devices, cfg.batch_size)
             clock.mark("warm-up")
+            actors.wait_for_preprocessors(self.preprocessors)
+            clock.mark("preprocessors")
             if plan.dataset is not None:
                 plan.dataset.check_label_range(self.devices[0].info["num_classes"])
         except BaseException:
@@ -244,7 +256,24 @@ class Evaluator:
             raise
         per_call = cfg.batches_per_call or planning.batches_per_call(batch_s, cfg.batch_size)
         return Started(plan, [DeviceState(d) for d in self.devices],
-                       self.devices[0].info["num_classes"], per_call, batch_s, clock)
+                       self.devices[0].info["num_classes"], per_call, batch_s, clock,
+                       self.preprocessors)
+
+    def _start_preprocessors(self, plan: Plan, backend: str, nodes: list[NodeInfo]) -> None:
+        """The preprocessing actors a dataset run needs on its devices' nodes (kept from the
+        previous run when they are the same)."""
+        if plan.cfg.pure_infer:
+            return
+        unique = list({node.node_id: node for node in nodes}.values())
+        cpu = backend == "onnxruntime" and plan.cfg.provider == "cpu"
+        counts = [plan.cfg.workers or planning.default_workers(n.cpus, cpu) for n in unique]
+        key = (plan.recipe, tuple(n.node_id for n in unique), tuple(counts))
+        if key != self.preprocessors_key:
+            for group in self.preprocessors.values():
+                for prep in group:
+                    ray.kill(prep)
+            self.preprocessors = actors.start_preprocessors(unique, counts, plan.recipe)
+            self.preprocessors_key = key
 
 
 def run_evaluation(cfg: RunConfig) -> RunResult:

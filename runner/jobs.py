@@ -21,6 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .classes import IMAGENET_VAL
 from .config import ConfigError, RunConfig
 from .errors import one_line
 
@@ -128,7 +129,9 @@ def _build_job(path: Path, run: dict, model: dict, data: dict, gates: Gates) -> 
     if "path" in model:
         settings["model"] = model["path"]
     for key in _PATH_KEYS & settings.keys():
-        settings[key] = str(base / settings[key])
+        value = str(settings[key])
+        if "://" not in value and value != IMAGENET_VAL:  # URLs and named label sets stay
+            settings[key] = str(base / value)
     by_batch = {int(k): str(base / v) for k, v in model.get("by_batch_size", {}).items()}
     sizes = run.get("batch_sizes", [RunConfig.batch_size])
     if not sizes or not all(isinstance(b, int) and b > 0 for b in sizes):

@@ -100,26 +100,31 @@ def default_workers(cores: int, cpu_inference: bool) -> int:
 
 
 def plan_shards(
-    todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int, workers: int | None,
-    cpu_inference: bool = False,
+    todo: list[tuple[int, str]], nodes: list[NodeInfo], batch_size: int,
+    shard_of: list[int] | None = None,
 ) -> list[tuple[NodeInfo, list[tuple[int, str]]]]:
-    """(node, shard) for every preprocessing actor.
+    """(home node, images) of every shard: the units a node decodes and, when it runs dry,
+    takes whole from another.
 
-    The image list is split across the devices' nodes in proportion to their device counts,
-    so each device's batches are decoded on its own host; each node's part is split across
-    ``workers`` actors (default: ``default_workers``).  Shards are cut at whole batches, so
-    only the last batch can be partial (fixed-batch .om files pad it).
+    ``nodes`` holds each device's node, so work goes to nodes in proportion to their
+    devices.  Images that live in shards of their own (``shard_of``: tar shards) keep them:
+    whole shards are dealt to the nodes, so a node reads only its own shards.  Plain files
+    are cut into one shard per node at whole batches, so only a shard's last batch can be
+    partial (fixed-batch .om files pad it).
     """
     unique = list({node.node_id: node for node in nodes}.values())
-    per_node = [sum(n.node_id == u.node_id for n in nodes) for u in unique]
+    weights = [sum(n.node_id == u.node_id for n in nodes) for u in unique]
+    if shard_of is None:
+        cuts = cut_points(len(todo), weights, batch_size)
+        return [(node, todo[a:b]) for node, (a, b) in zip(unique, pairwise(cuts), strict=True)
+                if b > a]
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for item in todo:
+        groups.setdefault(shard_of[item[0]], []).append(item)
+    load = [0] * len(unique)
     planned = []
-    for node, (a, b) in zip(unique, pairwise(cut_points(len(todo), per_node, batch_size)),
-                            strict=True):
-        part = todo[a:b]
-        if not part:
-            continue
-        wanted = workers or default_workers(node.cpus, cpu_inference)
-        k = max(1, min(wanted, math.ceil(len(part) / batch_size)))
-        planned += [(node, part[x:y])
-                    for x, y in pairwise(cut_points(len(part), [1] * k, batch_size)) if y > x]
-    return planned
+    for group in sorted(groups.values(), key=len, reverse=True):  # largest first: even loads
+        i = min(range(len(unique)), key=lambda j: (load[j] + len(group)) / weights[j])
+        load[i] += len(group)
+        planned.append((unique[i], group))
+    return sorted(planned, key=lambda p: p[1][0][0])  # in image order

@@ -23,47 +23,54 @@ from tqdm import tqdm
 
 from .dataset import Dataset, DatasetError, load_dataset
 from .devices import cpu_slots
-from .preprocess import RECIPES, ImageError, get_recipe, reference_tensor
+from .preprocess import RECIPES, ImageError, decode_crop, get_recipe, to_tensor
 from .runlock import hold_run_folder
+from .sources import Location, read_images
 
 ERRORS_CSV = "prep_errors.csv"
 #: At most this many images per Ray task: small enough for a live progress bar.
 MAX_CHUNK = 32
 
 
-def write_bins(jobs: list[tuple[str, str]], recipe: str) -> list[tuple[str, str]]:
-    """Write each ``(image, bin)`` job; return ``(image, reason)`` for those that failed."""
+Job = tuple[str, Location, str]  # (image name, where its bytes are, OUT/<stem>.bin)
+
+
+def write_bins(jobs: list[Job], recipe: str) -> list[tuple[str, str]]:
+    """Write each job's ``.bin``; return ``(image, reason)`` for those that failed."""
     r = get_recipe(recipe)
     failed = []
-    for src, dst in jobs:
+    for (name, _, dst), data in zip(jobs, read_images([loc for _, loc, _ in jobs]),
+                                    strict=True):
         try:
-            tensor = reference_tensor(src, r)
+            if isinstance(data, ImageError):
+                raise data
+            tensor = to_tensor(decode_crop(data, r)[None], r)[0]  # = reference_tensor
         except ImageError as exc:
-            failed.append((src, str(exc)))
+            failed.append((name, str(exc)))
             continue
         tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.tmp")
         try:  # via a temporary name: a killed run never leaves a short .bin behind
             tensor.tofile(tmp)
             os.replace(tmp, dst)
         except OSError as exc:
-            failed.append((src, f"cannot write {dst}: {exc.strerror or exc}"))
+            failed.append((name, f"cannot write {dst}: {exc.strerror or exc}"))
     return failed
 
 
-def plan(images: list[str], out: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Jobs ``(image, OUT/<stem>.bin)``, and failures for images whose stem is taken."""
+def plan(images: list[tuple[str, Location]], out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Jobs for ``(name, location)`` images, and failures for images whose stem is taken."""
     jobs, clashes, owner = [], [], {}
-    for path in images:
-        stem = Path(path).stem
+    for name, location in images:
+        stem = Path(name).stem
         if stem in owner:
-            clashes.append((path, f"{stem}.bin is already written from {owner[stem]}"))
+            clashes.append((name, f"{stem}.bin is already written from {owner[stem]}"))
         else:
-            owner[stem] = Path(path).name
-            jobs.append((path, str(out / f"{stem}.bin")))
+            owner[stem] = Path(name).name
+            jobs.append((name, location, str(out / f"{stem}.bin")))
     return jobs, clashes
 
 
-def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tuple[str, str]]:
+def run_jobs(jobs: list[Job], recipe: str, workers: int) -> list[tuple[str, str]]:
     """Run ``write_bins`` over chunks on Ray, ``workers`` tasks at a time; return failures."""
     import ray
 
@@ -86,7 +93,7 @@ def run_jobs(jobs: list[tuple[str, str]], recipe: str, workers: int) -> list[tup
             try:
                 failed += ray.get(ref)
             except ray.exceptions.RayError as exc:  # a crashed worker: its chunk is lost
-                failed += [(src, one_line(exc)) for src, _ in chunk]
+                failed += [(name, one_line(exc)) for name, _, _ in chunk]
             bar.update(len(chunk))
     return failed
 
@@ -106,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the guide's float32 .bin input files (and its .info list) in "
         "parallel, listing every image that failed.",
     )
-    p.add_argument("images", help="folder of images")
+    p.add_argument("images", help="images: a folder, an ImageFolder tree, a .tar, WebDataset "
+                   "shards, or any tar form at a URL (as evaluate's --images)")
     p.add_argument("out", help="folder for <stem>.bin (created if missing)")
     p.add_argument("--format", default="bin", choices=["bin"], help="output format (bin)")
     p.add_argument("--recipe", default="huawei", choices=list(RECIPES),
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_all(args: argparse.Namespace, dataset: Dataset, out: Path) -> int:
     """The ``.bin`` files, ``prep_errors.csv`` and the ``.info`` list; the exit code."""
-    jobs, failed = plan([dataset.path(i) for i in range(len(dataset))], out)
+    jobs, failed = plan(list(zip(dataset.names, dataset.locations, strict=True)), out)
     failed += run_jobs(jobs, args.recipe, args.workers)
     failed.sort()
     with open(out / ERRORS_CSV, "w", newline="") as f:

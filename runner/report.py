@@ -80,6 +80,8 @@ def perf_summary(result: RunResult) -> dict[str, Any]:
         "hosts": _groups(devices, wall, lambda d: d["node"]),
         "nodes_lost": [{"node": name, "at_s": round(at, 3)}
                        for name, at in result.outcome.nodes_lost.items()],
+        "shards": result.shards,  # where each shard was dealt: its home node
+        "moves": result.outcome.moves,  # work a node took over once its own ran dry
         "cards": _groups(devices, wall, lambda d: f"{d['node']}/card{d['device_index'] // chips}")
         if chips else [],
         "driver": driver_cost(result, images),
@@ -206,6 +208,7 @@ def accuracy_summary(result: RunResult) -> dict[str, Any]:
         "errors": len(result.issues),  # every line of errors.csv; --max-errors counts these
         "resumed_images": result.resumed_images,
         "cache": result.cache,
+        "data": result.data,  # the kind of --images and where the labels came from
     }
     if acc is not None:
         out.update({f"top{k}": acc.percent(k) for k in range(1, len(acc.topk) + 1)})
@@ -249,6 +252,8 @@ def format_table(perf: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     stages = perf["stages"]
     caps = ", ".join(f"{k} {v:.0f}" for k, v in stages["capacity_fps"].items() if v)
     lines.append(f"stages (img/s capacity): {caps}; bound by {stages['bound_by']}")
+    if accuracy and accuracy.get("data"):
+        lines.append(f"data: {accuracy['data']}")
     if accuracy and "top1" in accuracy:
         n = accuracy["unlabelled_or_missing"]
         missing = f", {n} unlabelled or missing" if n else ""

@@ -58,6 +58,8 @@ class RunResult:
     batches_per_call: int = 1  # the call size this run used (chosen or --batches-per-call)
     batch_s: float = 0.0  # the median device's seconds per batch at warm-up
     startup: dict[str, Any] = field(default_factory=dict)  # StartupClock.summary
+    data: str = ""  # what --images was and where its labels came from (dataset runs)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # each shard's home node
     teardown_s: float = 0.0  # the last reply -> devices and preprocessors torn down
 
     @property
@@ -127,14 +129,17 @@ class Started:
     batches_per_call: int
     batch_s: float
     clock: StartupClock
+    preprocessors: dict[str, list[Any]]  # node name -> its preprocessing actors (dataset runs)
 
     def result(self, outcome: DriveOutcome, stats: list[BatchStat], **kw: Any) -> RunResult:
         infos = [dict(d.device.info, node=d.node, failed_at_s=d.failed_at, failure=d.failure,
                       moved_batches=d.moved_batches) for d in self.devices]
+        data = self.plan.dataset
         return RunResult(self.plan.cfg, self.plan.recipe, self.plan.meta, self.plan.model_sha,
                          infos, outcome, stats, num_classes=self.num_classes,
                          batches_per_call=self.batches_per_call, batch_s=self.batch_s,
-                         startup=self.clock.summary(outcome.started), **kw)
+                         startup=self.clock.summary(outcome.started),
+                         data=f"{data.source}; {data.label_rule}" if data else "", **kw)
 
 
 class Interrupted(Exception):

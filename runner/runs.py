@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -11,8 +12,6 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from . import actors, planning
@@ -20,11 +19,11 @@ from .cache import CacheBusyError, CacheError, CropCache
 from .config import ConfigError, RunConfig
 from .dataset import Dataset, ImageIssue
 from .driver import DriveOutcome, Driver, SubmitPrep
-from .errors import one_line
 from .journal import Journal, JournalError, LogitsFile
 from .metrics import TOPK
 from .preprocess import get_recipe
 from .run import BatchStat, Interrupted, RunResult, Started
+from .sources import Location
 
 log = logging.getLogger("cardrunner")
 
@@ -76,11 +75,12 @@ def run_pure_infer(run: Started) -> RunResult:
 class DatasetSink:
     """Where a dataset run's replies go: scores, errors, journal, logits, progress."""
 
-    def __init__(self, dataset: Dataset, shards: list[list[tuple[int, str]]], top: np.ndarray,
-                 issues: list[ImageIssue], journal: Journal, logits: LogitsFile | None,
-                 bar: tqdm):
+    def __init__(self, dataset: Dataset, shards: list[list[tuple[int, Location]]],
+                 top: np.ndarray, issues: list[ImageIssue], journal: Journal,
+                 logits: LogitsFile | None, bar: tqdm):
         self.dataset, self.shards, self.top, self.issues = dataset, shards, top, issues
         self.journal, self.logits, self.bar = journal, logits, bar
+        self.node_names: dict[str, str] = {}  # Ray node id -> node name, for the journal
         self.stats: list[BatchStat] = []
         self.journaled = 0  # images of this session in the journal (scored or unreadable)
 
@@ -95,7 +95,8 @@ class DatasetSink:
             for i, reason in r.errors:
                 self.issues.append(ImageIssue(self.dataset.names[i], reason, int(i)))
             records.append({"batch": r.batch, "device": r.device, "indices": r.indices.tolist(),
-                            "top": r.top.tolist(), "errors": r.errors})
+                            "top": r.top.tolist(), "errors": r.errors,
+                            "decoded_on": self.node_names.get(r.decoded_on, r.decoded_on)})
         self.journal.append(*records)
         finished = sum(r.n + len(r.errors) for r in replies)
         self.journaled += finished
@@ -124,36 +125,6 @@ def replay_journal(journal: Journal, dataset: Dataset, top: np.ndarray,
     return done
 
 
-def start_preprocessors(run: Started, todo: list[tuple[int, str]],
-                        cache: CropCache | None) -> tuple[list[Any], list, list[str]]:
-    """(actors, shards, node of each shard): one preprocessing actor per shard, started."""
-    cfg = run.plan.cfg
-    cpu = run.devices[0].device.info["provider"] == "CPUExecutionProvider"
-    planned = planning.plan_shards(todo, [d.device.node for d in run.devices], cfg.batch_size,
-                                   cfg.workers, cpu_inference=cpu)
-    preps = [
-        ray.remote(actors.Preprocessor).options(
-            # A preprocessor that dies (the OOM killer, a decoder crash, its node lost) is
-            # restarted by Ray with the same shard, on its node or, once that node is gone,
-            # on another (soft affinity); the calls it was running are made again there.
-            # Placed by affinity, not by CPU accounting: a surviving node's own
-            # preprocessors would otherwise hold every CPU a restarted one needs.
-            num_cpus=0,
-            max_restarts=-1,
-            max_task_retries=actors.PREP_TASK_RETRIES,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
-        ).remote(shard, run.plan.recipe, cache)
-        for node, shard in planned
-    ]
-    try:  # actor start-up is not part of the timed run
-        ray.get([p.ready.remote() for p in preps], timeout=actors.START_TIMEOUT_S)
-    except (GetTimeoutError, RayError) as exc:
-        for p in preps:
-            ray.kill(p)
-        raise ConfigError(f"preprocessing actors did not start: {one_line(exc)}") from None
-    return preps, [shard for _, shard in planned], [node.name for node, _ in planned]
-
-
 def run_dataset(run: Started, out: Path) -> RunResult:
     """Score the dataset: replay the journal, open the logits file and the cache, start
     the preprocessors, drive, and return everything scored."""
@@ -177,7 +148,7 @@ def run_dataset(run: Started, out: Path) -> RunResult:
         with ExitStack() as stack:
             done = replay_journal(journal, dataset, top, issues)
             resumed = int(done.sum())
-            todo = [(int(i), dataset.path(int(i))) for i in np.flatnonzero(~done)]
+            todo = [(int(i), dataset.location(int(i))) for i in np.flatnonzero(~done)]
             logits = open_logits(out, cfg, n, run.num_classes, resumed)
             if logits is not None:
                 stack.callback(logits.close)
@@ -190,19 +161,24 @@ def run_dataset(run: Started, out: Path) -> RunResult:
             if cache is not None:
                 stack.callback(cache.close)
             run.clock.mark("journal, logits and cache")
-            preps, shards, nodes = start_preprocessors(run, todo, cache)
-            run.clock.mark("preprocessors")
             started = True
-            stack.callback(lambda: [ray.kill(p) for p in preps])
+            planned = planning.plan_shards(todo, [d.device.node for d in run.devices],
+                                           cfg.batch_size, dataset.shard_of)
+            shards = [images for _, images in planned]
             bar = stack.enter_context(tqdm(total=n, initial=resumed, unit="img",
                                            disable=not cfg.progress, desc="evaluate"))
             sink = DatasetSink(dataset, shards, top, issues, journal, logits, bar)
+            sink.node_names = {d.device.node.node_id: d.node for d in run.devices}
+            turns = {node: itertools.cycle(group) for node, group in run.preprocessors.items()}
 
             def submit_prep(call: list[planning.Batch]) -> tuple[Any, Any]:
-                ranges = [(b.start, b.stop) for b in call]
-                return tuple(preps[call[0].shard].load.options(num_returns=2).remote(ranges))
+                """Decoded by the next preprocessor of the node the call is for."""
+                images = [shards[b.shard][b.start : b.stop] for b in call]
+                prep = next(turns[call[0].node])
+                return tuple(prep.load.options(num_returns=2).remote(images, cache))
 
-            batches = planning.plan_batches([len(s) for s in shards], cfg.batch_size, nodes,
+            batches = planning.plan_batches([len(s) for s in shards], cfg.batch_size,
+                                            [node.name for node, _ in planned],
                                             block=run.batches_per_call)
             try:
                 outcome = drive(run, batches, submit_prep, sink.on_replies, sink.on_give_up)
@@ -216,9 +192,13 @@ def run_dataset(run: Started, out: Path) -> RunResult:
         raise
     finally:
         journal.close()
+    homes = [{"node": node.name, "images": len(images),
+              "shard": "files" if dataset.shard_of is None
+              else dataset.shards[dataset.shard_of[images[0][0]]]}
+             for node, images in planned]
     return run.result(outcome, sink.stats, num_images=n, names=dataset.names, labels=labels,
                       top=top, issues=issues, resumed_images=resumed, cache=cache_state,
-                      workers=len(preps))
+                      workers=sum(map(len, run.preprocessors.values())), shards=homes)
 
 
 def open_logits(out: Path, cfg: RunConfig, rows: int, classes: int,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ def ray_session():
     from runner.devices import EMULATED_RESOURCE
     from runner.ray_start import start_ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     start_ray(None, {"NPU": 4, EMULATED_RESOURCE: 8})
     yield ray
     ray.shutdown()

@@ -16,7 +16,7 @@ DEVICE_COLOURS = [(31, 119, 180), (255, 127, 14)]  # matplotlib C0, C1: device r
 
 
 def run_demo(cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CARDRUNNER_CACHE=str(cache), RAY_AUTH_MODE="disabled",
+    env = dict(os.environ, CARDRUNNER_CACHE=str(cache),
                PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "runner.evaluate", "--demo", "--devices", "0-1", "--limit",
            "24", "--batch-size", "4", "--no-progress"]

@@ -109,7 +109,7 @@ def test_acl_on_a_host_without_npus_is_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "runner.evaluate", "--backend", "acl", "--model", str(om),
          "--pure-infer", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+        capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 2
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("evaluate:")]
     assert line.startswith("evaluate: error: --devices: no Ascend NPUs found")

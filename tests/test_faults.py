@@ -19,7 +19,10 @@ from runner.evaluation import run_evaluation
 from runner.report import write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+#: ray.cluster_utils test clusters run without authentication (the runner's own embedded
+#: instance sets it up; see tests/test_ray_lifecycle.py).
+CLUSTER_ENV = dict(ENV, RAY_AUTH_MODE="disabled")
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -141,7 +144,8 @@ def test_a_node_lost_mid_run_leaves_its_images_to_the_others(images64, tmp_path)
     folder, labels = images64
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-c", NODE_LOSS, str(folder), str(labels), str(out)],
-                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, env=CLUSTER_ENV, cwd=ROOT,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(line for line in proc.stdout.splitlines()
                              if line.startswith('{"perf"')))

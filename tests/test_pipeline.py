@@ -178,7 +178,7 @@ def test_a_batch_size_sweep_writes_the_guides_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-3",
          "--batch-size", "1,4,16", "--pure-infer", "--rounds", "6", "--out", str(out),
-         "--no-progress"], env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+         "--no-progress"], env=dict(os.environ),
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((out / "sweep.json").read_text())

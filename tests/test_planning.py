@@ -35,20 +35,29 @@ def test_plan_shards_keeps_each_hosts_images_on_that_host():
     host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=2, devices=1)
     host1 = NodeInfo("id1", "host1", "h1", "10.0.0.1", cpus=4, devices=3)
     todo = [(i, f"img{i}.jpg") for i in range(100)]
-    planned = plan_shards(todo, [host1, host1, host1, host2], batch_size=4, workers=None)
-    by_node = {}
-    for node, shard in planned:
-        by_node.setdefault(node.name, []).append(shard)
-    # 3 of 4 devices on host1: 3/4 of the images, cut at a whole batch (19 x 4 = 76).
-    assert sum(map(len, by_node["host1"])) == 76 and sum(map(len, by_node["host2"])) == 24
-    assert len(by_node["host1"]) == 4 and len(by_node["host2"]) == 2  # one actor per core
-    assert [item for _, shard in planned for item in shard] == todo  # each image once
-    assert all(len(shard) % 4 == 0 for shards in by_node.values() for shard in shards[:-1])
-
-    sizes = [len(shard) for _, shard in planned]
+    planned = plan_shards(todo, [host1, host1, host1, host2], batch_size=4)
+    # Files: one shard per host, 3 of 4 devices on host1: 3/4 of the images, cut at a
+    # whole batch (19 x 4 = 76).
+    assert [(node.name, len(images)) for node, images in planned] == [("host1", 76),
+                                                                     ("host2", 24)]
+    assert [item for _, images in planned for item in images] == todo  # each image once
+    sizes = [len(images) for _, images in planned]
     batches = plan_batches(sizes, 4, [node.name for node, _ in planned])
     assert sum(b.stop - b.start for b in batches if b.node == "host1") == 76
-    assert len(plan_shards(todo, [host1], 4, workers=None, cpu_inference=True)) == 2  # half
+
+
+def test_tar_shards_are_dealt_whole_in_proportion_to_devices():
+    host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=2, devices=1)
+    host1 = NodeInfo("id1", "host1", "h1", "10.0.0.1", cpus=4, devices=3)
+    shard_of = [i // 10 for i in range(80)]  # 8 shards of 10 images
+    todo = [(i, f"img{i}.jpg") for i in range(80) if i != 35]
+    planned = plan_shards(todo, [host1, host1, host1, host2], 4, shard_of)
+    per_node = {}
+    for node, images in planned:
+        assert len({shard_of[i] for i, _ in images}) == 1  # a shard never splits
+        per_node[node.name] = per_node.get(node.name, 0) + 1
+    assert per_node == {"host1": 6, "host2": 2}  # 3 devices vs 1
+    assert sorted(item for _, images in planned for item in images) == todo
 
 
 def test_calls_hold_about_75_ms_of_device_time():
@@ -95,3 +104,31 @@ def test_pure_infer_lasts_a_few_seconds_of_device_time_by_default():
     assert pure_infer_rounds(0.0083) == 362  # EMULATED 310, bs1: 3 s / 8.3 ms
     assert pure_infer_rounds(0.0952) == 50  # bs16: 50 rounds already last 4.8 s
     assert pure_infer_rounds(0.0) == 50
+
+
+def test_a_node_that_runs_dry_takes_a_whole_unstarted_shard_from_the_busiest():
+    host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=4, devices=4)
+    batches = plan_batches([6, 6, 6], 2, ["host1", "host2", "host2"], block=3)
+    devices = [DeviceState(Device(DeviceRef(None, 0), None, HOST)),
+               DeviceState(Device(DeviceRef(None, 1), None, host2))]
+    driver = Driver(devices, batches, submit_prep=None, on_replies=None, batches_per_call=3)
+    first = driver.next_call(devices[1])  # host2 starts its shard 1
+    assert {b.shard for b in first.batches} == {1}
+    driver.queues["host1"].clear()  # host1 has finished its own work
+    call = driver.next_call(devices[0])
+    # It takes shard 2, which nobody started, whole, to be decoded on host1.
+    assert {(b.shard, b.node) for b in call.batches} == {(2, "host1")}
+    assert {b.shard for b in driver.queues["host2"]} == set()
+
+
+def test_when_every_shard_has_started_a_dry_node_takes_batches_from_the_back():
+    host2 = NodeInfo("id2", "host2", "h2", "10.0.0.2", cpus=4, devices=4)
+    batches = plan_batches([20], 1, ["host2"], block=4)
+    devices = [DeviceState(Device(DeviceRef(None, 0), None, HOST)),
+               DeviceState(Device(DeviceRef(None, 1), None, host2))]
+    driver = Driver(devices, batches, submit_prep=None, on_replies=None, batches_per_call=4)
+    driver.next_call(devices[1])  # host2 has started its only shard
+    call = driver.next_call(devices[0])
+    assert [(b.start, b.node) for b in call.batches] == [(16, "host1"), (17, "host1"),
+                                                          (18, "host1"), (19, "host1")]
+    assert [b.start for b in driver.queues["host2"]] == list(range(4, 16))

@@ -45,7 +45,8 @@ def test_a_failing_chip_is_dropped_and_its_batches_move(ray_session, images64, t
     folder, labels = images64
     out = tmp_path / "run"
     cfg = RunConfig(backend="emulated", images=str(folder), labels=str(labels), devices="0-3",
-                    batch_size=2, out=str(out), progress=False, emulated_latency_ms=5.0,
+                    batch_size=2, batches_per_call=1, out=str(out), progress=False,
+                    emulated_latency_ms=5.0,
                     backend_extra={"2": {"fault": {"after": 4, "mode": mode}}})  # 2 warm-up + 2
     result = run_evaluation(cfg)
     perf = write_outputs(result, out)
@@ -153,7 +154,7 @@ def evaluate_cmd(folder, labels, out, *extra):
 
 def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
     folder, labels = images64
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env = dict(os.environ)
     whole = subprocess.run(evaluate_cmd(folder, labels, tmp_path / "whole"), env=env,
                            capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr
@@ -233,7 +234,7 @@ def broken_folder(root: Path) -> tuple[Path, Path, dict[str, str]]:
 def test_broken_inputs_are_named_in_errors_csv_and_the_run_finishes(tmp_path):
     folder, labels, bad = broken_folder(tmp_path)
     out = tmp_path / "run"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-1",
          "--images", str(folder), "--labels", str(labels), "--batch-size", "4", "--out",

@@ -17,7 +17,7 @@ from test_runlock import holding
 from runner.evaluate import main
 from runner.runlock import LOCK_NAME
 
-ENV = dict(os.environ, RAY_AUTH_MODE="disabled")
+ENV = dict(os.environ)
 
 
 def evaluate_cmd(folder: Path, labels: Path, out: Path, latency_ms: int, *extra: str) -> list:

@@ -1,0 +1,110 @@
+"""Runs on every kind of --images give the same scores, image by image; on a cluster each
+node decodes only its own shards until it runs out of work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import needs_val_227
+from test_sources import s3, val227_forms  # noqa: F401 - fixtures shared with the listing tests
+
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
+from runner.report import write_outputs
+from runner.shard import main as shard_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(out: Path) -> dict[str, str]:
+    """predictions.csv as image -> the rest of its row."""
+    lines = (out / "predictions.csv").read_text().splitlines()[1:]
+    return dict(line.split(",", 1) for line in lines)
+
+
+#: The ImageFolder copy lists class by class, so its first images are others; its listing
+#: and bytes are checked against the folder's in tests/test_sources.py.
+FORMS = ["folder", "tar", "shards dir", "shards on s3"]
+
+
+@needs_val_227
+def test_every_source_scores_the_same_images_alike(ray_session, val227_forms, tmp_path):  # noqa: F811
+    runs = {}
+    for form in FORMS:
+        images, labels = val227_forms[form]
+        out = tmp_path / form.replace(" ", "_")
+        cfg = RunConfig(backend="emulated", images=images, labels=labels, limit=256,
+                        devices="0-3", batch_size=16, out=str(out), progress=False,
+                        emulated_latency_ms=2.0)
+        result = run_evaluation(cfg)
+        perf = write_outputs(result, out)
+        assert perf["accuracy"]["scored"] == 256 and perf["accuracy"]["errors"] == 0, form
+        runs[form] = (out, perf)
+    ref_out, _ = runs["folder"]
+    reference = rows(ref_out)
+    for form, (out, perf) in runs.items():
+        # The emulated chip's logits are a function of each crop's bytes: the same rows mean
+        # the same bytes were decoded into the same crops, whatever held them.
+        assert rows(out) == reference, form
+        assert (out / "result.json").read_text() == (ref_out / "result.json").read_text()
+        assert perf["accuracy"]["data"].startswith(form.split()[0])
+    assert all(s["shard"].startswith("s3://") for s in runs["shards on s3"][1]["shards"])
+
+
+CLUSTER = r"""
+import json, sys
+from pathlib import Path
+from runner.devices import EMULATED_RESOURCE
+from runner.ray_start import bind_ray_to_loopback
+bind_ray_to_loopback()
+import ray
+from ray.cluster_utils import Cluster
+from runner.config import RunConfig
+from runner.evaluation import run_evaluation
+from runner.report import write_outputs
+
+shards, out = sys.argv[1:3]
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "resources": {EMULATED_RESOURCE: 2}, "labels": {"cardrunner.node": "node1"}})
+cluster.add_node(num_cpus=1, resources={EMULATED_RESOURCE: 2},
+                 labels={"cardrunner.node": "node2"})
+try:
+    cfg = RunConfig(backend="emulated", address=cluster.address, devices="node1:0-1,node2:0-1",
+                    images=shards, batch_size=2, out=out, progress=False,
+                    emulated_latency_ms=10.0)
+    perf = write_outputs(run_evaluation(cfg), Path(out))
+    print(json.dumps(perf))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_each_node_decodes_its_own_shards_until_it_runs_dry(images64, tmp_path):
+    folder, labels = images64
+    shards = tmp_path / "shards"
+    assert shard_main([str(folder), str(shards), "--labels", str(labels),
+                       "--shard-size", "8"]) == 0  # 8 shards of 8 images
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", CLUSTER, str(shards), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env=dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    perf = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    homes = perf["shards"]
+    assert sorted(h["node"] for h in homes) == ["node1"] * 4 + ["node2"] * 4  # 2 devices each
+    assert all(h["images"] == 8 for h in homes)
+    moved = {b: m["to"] for m in perf["moves"] for b in m["batches"]}
+    records = [json.loads(line) for line in (out / "journal.jsonl").read_text().splitlines()[1:]]
+    assert sorted(i for r in records for i in r["indices"]) == list(range(64))
+    home_of = {}  # image index -> its shard's home node (shards hold images in order)
+    for shard, home in enumerate(homes):
+        home_of.update({i: home["node"] for i in range(8 * shard, 8 * shard + 8)})
+    for r in records:
+        home = home_of[r["indices"][0]]
+        # Decoded on its shard's home node, unless a node that had run dry took it over.
+        assert r["decoded_on"] == moved.get(r["batch"], home), r
+    local = sum(r["decoded_on"] == home_of[r["indices"][0]] for r in records)
+    assert local >= 0.75 * len(records), f"{local} of {len(records)} batches decoded at home"
