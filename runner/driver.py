@@ -67,6 +67,7 @@ class DeviceState:
     failures: int = 0
     failed_at: float | None = None  # seconds into the run
     failure: str = ""
+    unreachable: bool = False  # its actor died or could not be reached (maybe its node)
     moved_batches: int = 0
 
     @property
@@ -284,7 +285,8 @@ class Driver:
             self.retry(call, f"preprocessing failed: {one_line(prep or exc)}")
         else:
             dev.failures += 1
-            if isinstance(exc, RayActorError) or dev.failures >= MAX_DEVICE_FAILURES:
+            dev.unreachable = isinstance(exc, RayActorError)
+            if dev.unreachable or dev.failures >= MAX_DEVICE_FAILURES:
                 self.drop(dev, reason)
             dev.moved_batches += len(call.batches)
             self.retry(call, reason)
@@ -323,14 +325,15 @@ class Driver:
     def note_lost_nodes(self) -> None:
         """Nodes that died during the run, lost when their first device was dropped.
 
-        A node all of whose devices were dropped is asked about until Ray confirms its
-        death (Ray notices only once its health checks time out, ~15 s) or NODE_LOSS_WAIT_S
-        have passed; the others finished its work meanwhile, so this waits after the run."""
+        A node all of whose devices were dropped as unreachable is asked about until Ray
+        confirms its death (Ray notices only once its health checks time out, ~15 s) or
+        NODE_LOSS_WAIT_S have passed; the others finished its work meanwhile, so this waits
+        after the run."""
         nodes = {d.device.node.node_id: d.device.node for d in self.devices}
         suspects = {node_id: min(d.failed_at for d in self.devices
                                  if d.device.node.node_id == node_id)
                     for node_id in nodes
-                    if all(not d.alive for d in self.devices
+                    if all(d.unreachable for d in self.devices
                            if d.device.node.node_id == node_id)}
         deadline = time.time() + NODE_LOSS_WAIT_S
         while suspects:

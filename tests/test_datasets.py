@@ -1,5 +1,6 @@
-"""Runs on every kind of --images give the same scores, image by image; on a cluster each
-node decodes only its own shards until it runs out of work."""
+"""Runs on every kind of --images give the same scores, image by image; on a real 2-node
+Ray cluster (loopback, ray.cluster_utils) each node decodes only its own shards until it runs
+out of work."""
 
 import json
 import os
@@ -74,8 +75,12 @@ try:
     cfg = RunConfig(backend="emulated", address=cluster.address, devices="node1:0-1,node2:0-1",
                     images=shards, batch_size=2, out=out, progress=False,
                     emulated_latency_ms=10.0)
-    perf = write_outputs(run_evaluation(cfg), Path(out))
-    print(json.dumps(perf))
+    result = run_evaluation(cfg)
+    perf = write_outputs(result, Path(out))
+    print(json.dumps({"perf": perf, "devices": result.devices,
+                      "addresses": sorted({n["NodeManagerAddress"] for n in ray.nodes()}),
+                      "by_label": {n["Labels"]["cardrunner.node"]: n["NodeID"]
+                                   for n in ray.nodes()}}))
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -92,7 +97,18 @@ def test_each_node_decodes_its_own_shards_until_it_runs_dry(images64, tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    perf = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("{")))
+    report = json.loads(next(line for line in proc.stdout.splitlines()
+                             if line.startswith('{"perf"')))
+    assert report["addresses"] == ["127.0.0.1"]  # both nodes on loopback
+    on = {}
+    for d in report["devices"]:  # each device actor runs on the node carrying its label
+        on.setdefault(d["node"], set()).add(d["node_id"])
+    assert on == {name: {node_id} for name, node_id in report["by_label"].items()}
+    perf = report["perf"]
+    hosts = {h["name"]: h for h in perf["hosts"]}
+    assert set(hosts) == {"node1", "node2"} and sum(h["images"] for h in hosts.values()) == 64
+    assert all(h["images"] > 0 and h["measured_fps"] > 0 for h in hosts.values())
+    assert {c["name"] for c in perf["cards"]} == {"node1/card0", "node2/card0"}
     homes = perf["shards"]
     assert sorted(h["node"] for h in homes) == ["node1"] * 4 + ["node2"] * 4  # 2 devices each
     assert all(h["images"] == 8 for h in homes)

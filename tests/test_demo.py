@@ -1,7 +1,7 @@
 """The README's demo command, shrunk: synthetic JPEGs + random-init EN-B3 on two devices."""
 
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_ray_lifecycle import ANSI, DEFAULT_ENV, RAY_LINE
 
 pytest.importorskip("torch")  # the demo builds its model with the converter
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,8 +17,8 @@ DEVICE_COLOURS = [(31, 119, 180), (255, 127, 14)]  # matplotlib C0, C1: device r
 
 
 def run_demo(cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CARDRUNNER_CACHE=str(cache),
-               PYTHONPATH=str(ROOT))
+    # Ray's own defaults, as in a user's shell (DEFAULT_ENV has no RAY_* variable).
+    env = dict(DEFAULT_ENV, CARDRUNNER_CACHE=str(cache), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "runner.evaluate", "--demo", "--devices", "0-1", "--limit",
            "24", "--batch-size", "4", "--no-progress"]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -27,6 +28,10 @@ def test_demo_writes_every_file_and_runs_again(tmp_path):
     first = run_demo(tmp_path, tmp_path / "cache")
     assert first.returncode == 0, first.stderr
     assert "UNTRAINED" in first.stdout
+    # A quiet first screen: every line is cardrunner's (Ray 2.60 printed "Token
+    # authentication is enabled for this Ray cluster..." on every run).
+    lines = [ANSI.sub("", line) for line in re.split(r"[\r\n]+", first.stdout + first.stderr)]
+    assert [line for line in lines if RAY_LINE.search(line)] == []
     out = tmp_path / "runs" / "demo"
     written = {p.name for p in out.iterdir()}
     assert {"result.json", "perf.json", "predictions.csv", "per_class.csv", "errors.csv",

@@ -9,9 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 # Ray's own defaults: what a user's shell has, not the RAY_AUTH_MODE=disabled of the tests
@@ -139,37 +137,6 @@ def test_a_killed_driver_leaves_no_process_of_its_ray_behind(ray_session, images
 
     # The test session's own embedded Ray (same user, same terminal session) still works.
     assert ray_session.get(ray_session.remote(lambda: 41).remote()) + 1 == 42
-
-
-def small_images(folder: Path, count: int) -> Path:
-    """``count`` tiny JPEGs and their labels: a list as long as the demo's (2,000 images),
-    cheap to decode."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        pixels = rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"ILSVRC2012_val_{i + 1:08d}.JPEG", quality=80)
-    labels = folder / "val_label.txt"
-    labels.write_text("".join(f"ILSVRC2012_val_{i + 1:08d}.JPEG {i % 1000}\n"
-                              for i in range(count)))
-    return labels
-
-
-def test_a_normal_run_prints_no_line_from_ray(tiny_model, tmp_path):
-    """A default-backend run of the demo's size in Ray's default environment: every line
-    is cardrunner's.  Ray 2.60 printed "Token authentication is enabled for this Ray
-    cluster..." on every run, and core_worker.cc's "has constructor arguments in the
-    object store and max_restarts > 0" once an actor's arguments outgrew Ray's 100 KiB
-    inline limit (a preprocessor's share of 2,000 paths did)."""
-    folder = tmp_path / "images"
-    labels = small_images(folder, 2000)
-    proc = subprocess.run(evaluate(folder, labels, tmp_path / "run", "--model", str(tiny_model)),
-                          env=DEFAULT_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [ANSI.sub("", line) for line in re.split(r"[\r\n]+", proc.stdout + proc.stderr)]
-    assert [line for line in lines if RAY_LINE.search(line)] == []
-    assert any(line.startswith("card: 2 devices, 2000 images") for line in lines)
-    assert (tmp_path / "run" / "result.json").exists()
 
 
 def dashboard_missing() -> str | None:

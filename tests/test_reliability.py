@@ -152,12 +152,14 @@ def evaluate_cmd(folder, labels, out, *extra):
             "--emulated-latency-ms", "60", "--out", str(out), "--no-progress", *extra]
 
 
-def test_killed_driver_resumes_to_an_identical_result(images64, tmp_path):
+def test_killed_driver_resumes_to_an_identical_result(ray_session, images64, tmp_path):
     folder, labels = images64
     env = dict(os.environ)
-    whole = subprocess.run(evaluate_cmd(folder, labels, tmp_path / "whole"), env=env,
-                           capture_output=True, text=True)
-    assert whole.returncode == 0, whole.stderr
+    # The uninterrupted reference, in this process: the same settings as evaluate_cmd's.
+    whole = run_evaluation(RunConfig(backend="emulated", devices="0-1", images=str(folder),
+                                     labels=str(labels), batch_size=2, emulated_latency_ms=60,
+                                     out=str(tmp_path / "whole"), progress=False))
+    write_outputs(whole, tmp_path / "whole")
 
     out = tmp_path / "crashed"  # 3 batches per call; the whole run chose its own call size
     proc = subprocess.Popen(evaluate_cmd(folder, labels, out, "--batches-per-call", "3"), env=env,

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from test_runlock import holding
 
+from runner.config import RunConfig
 from runner.evaluate import main
+from runner.evaluation import run_evaluation
+from runner.report import write_outputs
 from runner.runlock import LOCK_NAME
 
 ENV = dict(os.environ)
@@ -47,13 +50,14 @@ def start_and_wait_for_batches(cmd: list, out: Path, batches: int,
 
 
 @pytest.fixture(scope="module")
-def lone(images64, tmp_path_factory) -> Path:
-    """result.json of a run that had its folder to itself."""
+def lone(ray_session, images64, tmp_path_factory) -> Path:
+    """result.json of a run that had its folder to itself (evaluate_cmd's settings, run in
+    this process)."""
     folder, labels = images64
     out = tmp_path_factory.mktemp("lone") / "run"
-    proc = subprocess.run(evaluate_cmd(folder, labels, out, 5), env=ENV, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
+    write_outputs(run_evaluation(RunConfig(
+        backend="emulated", devices="0-1", images=str(folder), labels=str(labels),
+        batch_size=2, emulated_latency_ms=5, out=str(out), progress=False)), out)
     return out / "result.json"
 
 
