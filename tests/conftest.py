@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,25 @@ def write_images(folder: Path, count: int, seed: int = 0) -> Path:
 def images64(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("images64")
     return folder, write_images(folder, 64)
+
+
+def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def small_shards(tmp_path):
+    """Two indexed shards of 4 labelled synthetic images each, and the images."""
+    images = tmp_path / "images"
+    from runner.shard import main as shard_main
+
+    write_images(images, 8)
+    out = tmp_path / "shards"
+    assert shard_main([str(images), str(out), "--labels", str(images / "val_label.txt"),
+                       "--shard-size", "4"]) == 0
+    return images, out

@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import needs_val_227
+from conftest import make_tar, needs_val_227
 from test_sources import s3, val227_forms  # noqa: F401 - fixtures shared with the listing tests
 
+from runner import source_tar
 from runner.config import RunConfig
 from runner.evaluation import run_evaluation
+from runner.prep import main as prep_main
 from runner.report import write_outputs
 from runner.shard import main as shard_main
 
@@ -62,6 +64,7 @@ from runner.ray_start import bind_ray_to_loopback
 bind_ray_to_loopback()
 import ray
 from ray.cluster_utils import Cluster
+from runner import source_tar
 from runner.config import RunConfig
 from runner.evaluation import run_evaluation
 from runner.report import write_outputs
@@ -124,3 +127,42 @@ def test_each_node_decodes_its_own_shards_until_it_runs_dry(images64, tmp_path):
         assert r["decoded_on"] == moved.get(r["batch"], home), r
     local = sum(r["decoded_on"] == home_of[r["indices"][0]] for r in records)
     assert local >= 0.75 * len(records), f"{local} of {len(records)} batches decoded at home"
+
+
+def test_broken_shards_are_named_and_the_rest_of_them_scored(ray_session, small_shards,
+                                                             tmp_path):
+    images, shards = small_shards  # two shards of 4 labelled images
+    tar = shards / "shard-000000.tar"
+    third = source_tar.scan_tar(str(tar), tar.stat().st_size).entries[4]  # its 3rd image
+    with open(tar, "r+b") as f:
+        f.truncate(third.offset + third.size // 2)
+    good = (images / "ILSVRC2012_val_00000001.JPEG").read_bytes()
+    make_tar(shards / "shard-000002.tar", [("ILSVRC2012_val_00000009.cls", b"7"),
+                                           ("ILSVRC2012_val_00000010.JPEG", good),
+                                           ("ILSVRC2012_val_00000010.cls", b"3")])
+    out = tmp_path / "run"
+    result = run_evaluation(RunConfig(backend="emulated", images=str(shards), devices="0-1",
+                                      batch_size=2, out=str(out), progress=False,
+                                      emulated_latency_ms=1.0))
+    perf = write_outputs(result, out)
+    errors = {row.split(",", 1)[0]: row for row in
+              (out / "errors.csv").read_text().splitlines()[1:]}
+    assert "truncated tar member: shard-000000.tar:ILSVRC2012_val_00000003.JPEG" in errors[
+        "ILSVRC2012_val_00000003.JPEG"]
+    assert "lost: shard shard-000000.tar" in errors["ILSVRC2012_val_00000004.JPEG"]
+    assert "has no image" in errors["ILSVRC2012_val_00000009"]
+    scored = sorted(rows(out))
+    assert scored == [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 5, 6, 7, 8, 10)]
+    assert perf["accuracy"]["scored"] == 7 and perf["accuracy"]["errors"] == len(errors)
+
+
+def test_prep_writes_the_same_bin_files_from_shards_as_from_the_folder(small_shards, tmp_path):
+    images, shards = small_shards
+    assert prep_main([str(images), str(tmp_path / "from_folder"), "--workers", "1"]) == 0
+    assert prep_main([str(shards), str(tmp_path / "from_shards"), "--workers", "1"]) == 0
+    bins = sorted(p.name for p in (tmp_path / "from_folder").glob("*.bin"))
+    assert len(bins) == 8
+    assert bins == sorted(p.name for p in (tmp_path / "from_shards").glob("*.bin"))
+    for name in bins:
+        assert (tmp_path / "from_shards" / name).read_bytes() == (
+            tmp_path / "from_folder" / name).read_bytes()

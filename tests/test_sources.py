@@ -9,17 +9,14 @@ the forms' parsing and the label rules use small synthetic tars.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VAL_227, VAL_ORIG, needs_val_227, needs_val_orig, write_images
+from conftest import VAL_227, VAL_ORIG, make_tar, needs_val_227, needs_val_orig, write_images
 from s3_server import S3Server
 
 from runner import source_tar
@@ -30,15 +27,6 @@ from runner.preprocess import ImageError, decode_crop, get_recipe, load_crop
 from runner.shard import main as shard_main
 from runner.source_paths import expand_braces, resolve_source
 from runner.sources import Member, forwarded_env, read_images
-
-
-def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def by_name(dataset) -> dict[str, int | None]:
@@ -180,17 +168,6 @@ def test_fingerprint_follows_the_shards_identity(tmp_path, s3):
 
 
 # --------------------------------------------------------------------------- broken samples
-
-
-@pytest.fixture
-def small_shards(tmp_path):
-    """Two indexed shards of 4 labelled synthetic images each, and the images."""
-    images = tmp_path / "images"
-    write_images(images, 8)
-    out = tmp_path / "shards"
-    assert shard_main([str(images), str(out), "--labels", str(images / "val_label.txt"),
-                       "--shard-size", "4"]) == 0
-    return images, out
 
 
 def reasons(dataset) -> dict[str, str]:
