@@ -64,7 +64,6 @@ from runner.ray_start import bind_ray_to_loopback
 bind_ray_to_loopback()
 import ray
 from ray.cluster_utils import Cluster
-from runner import source_tar
 from runner.config import RunConfig
 from runner.evaluation import run_evaluation
 from runner.report import write_outputs
