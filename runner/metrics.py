@@ -112,8 +112,14 @@ def read_labels(path: str | Path) -> LabelFile:
 
 
 def topk_indices(logits: np.ndarray, k: int = TOPK) -> np.ndarray:
-    """[n, k] class indices by descending logit, as ``np.argsort(-logits)`` orders them."""
-    return np.argsort(-logits, axis=1)[:, :k].astype(np.int32)
+    """[n, k] class indices by descending logit, equal logits by ascending class index.
+
+    The guide's ``np.argsort(-logits)`` order, made stable: its default sort leaves equal
+    logits in an order that depends on the array and on numpy's sort implementation, and
+    INT8 models dequantize to few distinct values, so exact ties on top do occur (2 of the
+    1,300 val_227 images with Lite0 INT8, one of them deciding that image's Top1).
+    """
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int32)
 
 
 def label_offset(num_classes: int) -> int:
