@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import socket
 import sys
@@ -13,6 +14,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
+
+
+def pin_to_one_core() -> int:
+    """Per-core figures: this process on one core, OpenCV on one thread; returns the core."""
+    import cv2
+
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    cv2.setNumThreads(1)
+    return core
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

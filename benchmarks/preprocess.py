@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="benchmarks/results/preprocess.json")
     args = ap.parse_args(argv)
 
-    core = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    cv2.setNumThreads(1)
+    core = common.pin_to_one_core()
     ds = load_dataset(args.images, None)
     unique = [ds.path(i) for i in range(len(ds))]
     paths = (unique * -(-args.decodes // len(unique)))[: args.decodes]

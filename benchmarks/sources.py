@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import common  # first: puts the checkout on sys.path
-import cv2
 import numpy as np
 
 from runner.dataset import load_dataset
@@ -84,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="benchmarks/results/sources.json")
     args = ap.parse_args(argv)
 
-    core = min(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {core})
-    cv2.setNumThreads(1)
+    core = common.pin_to_one_core()
     recipe = get_recipe(args.recipe)
     with tempfile.TemporaryDirectory() as tmp:
         sources = make_sources(args.images, Path(tmp))
