@@ -46,6 +46,7 @@ class RunFolder:
     top: np.ndarray  # [n, 5] class indices as the model wrote them (1001-way: background 0)
     num_classes: int
     environment: dict[str, Any]  # perf.json's environment, {} without perf.json
+    lines: np.ndarray  # each image's line in predictions.csv (0: the first image)
 
     @property
     def offset(self) -> int:
@@ -58,10 +59,12 @@ class RunFolder:
     def logit_rows(self) -> np.ndarray | None:
         """Row of logits.npy for each image, or None when the run kept no logits.
 
-        Rows are image indices, and an image's index is its place among the run's files in
-        sorted order (README, "What a run writes"): the scored ones (predictions.csv) and the
-        unscored ones that have an index (errors.csv).  The journal, which records each
-        batch's indices with their top-5, must confirm every one of them."""
+        Rows are image indices.  The journal records each batch's indices with their top-5,
+        and one of two readings must match it image by image: a flat folder's index is the
+        image's place among its files in sorted order (the scored ones in predictions.csv,
+        the unscored ones that have an index in errors.csv), whatever order the lines are in;
+        other sources (class folders, tar order) index otherwise, and there predictions.csv
+        as the runner wrote it lists the scored images in index order."""
         path = self.path / "logits.npy"
         if not (self.header.get("save_logits") and path.exists()):
             return None
@@ -79,20 +82,25 @@ class RunFolder:
         for record in _journal(self.path)[1:]:
             for i, top in zip(record.get("indices", []), record.get("top", []), strict=True):
                 recorded[int(i)] = top[:TOPK]
-        indices = np.array([position[n] for n in self.names], dtype=np.int64)
-        if any(position[n] != i for n, i in unscored.items()) or any(
-                recorded.get(int(i)) != top for i, top in zip(indices, self.top.tolist(),
-                                                              strict=True)):
-            raise CompareError(f"{self.path}: journal.jsonl, predictions.csv and errors.csv "
-                               "disagree on which image is which; cannot match its logits")
-        return indices
+        by_name = np.array([position[n] for n in self.names], dtype=np.int64)
+        by_line = np.array(sorted(recorded), dtype=np.int64)[self.lines] if (
+            len(recorded) == len(self.names)) else None
+        for indices, agree in ((by_name, all(position[n] == i for n, i in unscored.items())),
+                               (by_line, True)):
+            if indices is not None and agree and all(
+                    recorded.get(int(i)) == top for i, top in zip(indices, self.top.tolist(),
+                                                                  strict=True)):
+                return indices
+        raise CompareError(f"{self.path}: journal.jsonl, predictions.csv and errors.csv "
+                           "disagree on which image is which; cannot match its logits")
 
     def reordered(self, names: list[str]) -> RunFolder:
         """The same run with its images in the order of ``names`` (the same set)."""
         position = {name: i for i, name in enumerate(self.names)}
         order = np.array([position[n] for n in names], dtype=np.int64)
         return RunFolder(self.path, self.header, list(names), self.labels[order],
-                         self.top[order], self.num_classes, self.environment)
+                         self.top[order], self.num_classes, self.environment,
+                         self.lines[order])
 
 
 def _journal(folder: Path) -> list[dict[str, Any]]:
@@ -138,7 +146,8 @@ def load_run(folder: str | Path) -> RunFolder:
     environment = json.loads(perf_path.read_text()).get("environment", {}) if (
         perf_path.exists()) else {}
     return RunFolder(folder, header, names, np.array(labels, np.int64),
-                     np.array(top, np.int64), _num_classes(folder), environment)
+                     np.array(top, np.int64), _num_classes(folder), environment,
+                     np.arange(len(names)))
 
 
 def _num_classes(folder: Path) -> int:

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import VAL_227, needs_val_227, needs_val_orig
+from conftest import VAL_227, needs_val_227, needs_val_orig, write_images
 from test_quantize import lite0_models
 
+from runner.classes import class_table
 from runner.compare import main, mcnemar_exact_p
+from runner.config import RunConfig
 from runner.evaluate import main as evaluate
+from runner.evaluation import run_evaluation
+from runner.metrics import image_key, read_labels
+from runner.report import write_outputs
 
 #: The first 224 val_227 images: on this machine INT8 and fp32 disagree on 6 of them and 3
 #: flip (1 lost, 2 gained), so every part of the comparison has something to show.
@@ -210,3 +215,30 @@ def test_mcnemar_exact_p_matches_scipy(b, c):
     stats = pytest.importorskip("scipy.stats", reason="scipy is the independent oracle")
     want = 1.0 if b + c == 0 else stats.binomtest(b, b + c, 0.5).pvalue
     assert mcnemar_exact_p(b, c) == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_logits_are_matched_by_index_whatever_order_the_source_lists(ray_session, tmp_path):
+    # An ImageFolder tree indexes its images class folder by class folder, not in sorted
+    # name order: the flat folder's and the tree's logits.npy hold the same images in
+    # different rows, and compare must still pair each image with its own logits.
+    flat = tmp_path / "flat"
+    truth = read_labels(write_images(flat, 12)).classes
+    wnids = [w for w, _ in class_table()]
+    tree = tmp_path / "tree"
+    for image in sorted(flat.glob("*.JPEG")):
+        folder = tree / wnids[truth[image_key(image.name)]]
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, folder / image.name)
+    for images, labels, out in ((flat, flat / "val_label.txt", "a"), (tree, None, "b")):
+        cfg = RunConfig(backend="emulated", images=str(images),
+                        labels=str(labels) if labels else None, devices="0-1", batch_size=2,
+                        keep_logits=True, out=str(tmp_path / out), progress=False,
+                        emulated_latency_ms=1.0)
+        write_outputs(run_evaluation(cfg), tmp_path / out)
+    rows = [json.loads(line)["indices"] for line in
+            (tmp_path / "b" / "journal.jsonl").read_text().splitlines()[1:]]
+    assert sorted(i for r in rows for i in r) == list(range(12))
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    c = _json(tmp_path / "c")
+    assert c["top1_agreement"] == 1.0
+    assert c["logits"]["max_abs_max"] == 0.0 and c["logits"]["cosine_mean"] == 1.0
