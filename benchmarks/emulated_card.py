@@ -57,9 +57,9 @@ def main() -> None:
         for n in chips:
             for bs in sizes:
                 for per_call in ([None, 1] if args.baseline else [None]):
-                    card = run(evaluator, n, bs, args.seconds, per_call)
                     if per_call == 1 and rows[-1]["per_call"] == 1:
                         continue  # the call size chosen was one batch already
+                    card = run(evaluator, n, bs, args.seconds, per_call)
                     one = next((r for r in rows if (r["batch"], r["chips"], r["per_call"]) == (
                         bs, chips[0], card["per_call"])), None)
                     rows.append({

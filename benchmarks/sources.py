@@ -89,12 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         sources = make_sources(args.images, Path(tmp))
         datasets = {k: load_dataset(v, None) for k, v in sources.items()}
         names = datasets["folder"].names
-        for kind, ds in datasets.items():  # the same images, the same crops, warm cache
+        for kind, ds in datasets.items():
             if ds.names != names:
                 raise SystemExit(f"benchmark: {kind} lists other images than the folder")
-            for a in range(0, len(names), BATCH):
+        for a in range(0, len(names), BATCH):  # the same crops from every source; warm cache
+            ref = run_batch(datasets["folder"].locations[a : a + BATCH], recipe)[2]
+            for kind, ds in datasets.items():
+                if kind == "folder":
+                    continue
                 crops = run_batch(ds.locations[a : a + BATCH], recipe)[2]
-                ref = run_batch(datasets["folder"].locations[a : a + BATCH], recipe)[2]
                 if not all(np.array_equal(x, y) for x, y in zip(crops, ref, strict=True)):
                     raise SystemExit(f"benchmark: {kind} crops differ from the folder's")
         order = list(datasets)
