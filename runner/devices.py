@@ -152,11 +152,11 @@ def place_devices(
     placed = []
     for ref in selection.devices:
         if ref.node is None:
-            node = default if multi else (nodes[0] if nodes else None)
+            node = default if multi else nodes[0]
             if node is None:
                 raise DeviceSpecError(
                     f"--devices: {len(with_devices)} nodes have {what}; name the node of each "
-                    f"device (e.g. {with_devices[0].name if with_devices else 'node1'}:0-3) "
+                    f"device (e.g. {with_devices[0].name}:0-3) "
                     "or use all"
                 )
         else:

@@ -102,6 +102,10 @@ class Call:
                      attempts=self.attempts, waited_s=self.waited_s)
                 for b, p in zip(self.batches, self.parts, strict=True)]
 
+    def remake(self) -> None:
+        """Forget the payload: the call is decoded again before it is sent."""
+        self.payload = self.status = self.ready_seen = None
+
 
 @dataclass
 class DriveOutcome:
@@ -214,16 +218,16 @@ class Driver:
         if victim is None or not self.work(victim):
             return False
         queue = self.queues[victim]
-        shards = [b.shard for b in reversed(queue) if b.shard not in self.started]
-        if shards:
-            moved = [b for b in queue if b.shard == shards[0]]
-            self.queues[victim] = deque(b for b in queue if b.shard != shards[0])
+        shard = next((b.shard for b in reversed(queue) if b.shard not in self.started), None)
+        if shard is not None:
+            moved = [b for b in queue if b.shard == shard]
+            self.queues[victim] = deque(b for b in queue if b.shard != shard)
             self.queues[node].extend(replace(b, node=node) for b in moved)
         elif self.retries[victim]:
             call = self.retries[victim].pop()
             moved = call.batches
             call.batches = [replace(b, node=node) for b in call.batches]
-            call.payload = call.status = call.ready_seen = None  # decoded here, not shipped
+            call.remake()  # decoded here, not shipped
             self.retries[node].append(call)
         else:
             moved = [queue.pop()]
@@ -235,7 +239,7 @@ class Driver:
         self.outcome.moves.append({
             "at_s": round(time.time() - self.outcome.started, 3), "to": node, "from": victim,
             "shard": moved[0].shard, "batches": [b.id for b in moved],
-            "whole_shard": bool(shards)})
+            "whole_shard": shard is not None})
         return True
 
     def form_call(self, queue: deque[Batch]) -> Call:
@@ -275,13 +279,13 @@ class Driver:
             # Its preprocessor is being restarted (after its node died, until Ray has
             # noticed): neither the images' fault nor the device's; made again once the
             # preprocessor can be reached.
-            call.payload = call.status = call.ready_seen = None
+            call.remake()
             call.waited_s += PREP_RETRY_S
             self.waiting.append((time.time() + PREP_RETRY_S, call))
         elif prep is not None or payload_lost(exc):
             # Never made, or lost with the node that held it: make it again; not the
             # device's fault.
-            call.payload = call.status = call.ready_seen = None
+            call.remake()
             self.retry(call, f"preprocessing failed: {one_line(prep or exc)}")
         else:
             dev.failures += 1
@@ -337,7 +341,8 @@ class Driver:
                            if d.device.node.node_id == node_id)}
         deadline = time.time() + NODE_LOSS_WAIT_S
         while suspects:
-            for node_id in [n for n in suspects if not node_alive(n)]:
+            alive = alive_nodes()
+            for node_id in [n for n in suspects if n not in alive]:
                 at = suspects.pop(node_id)
                 self.outcome.nodes_lost[nodes[node_id].name] = at
                 log.warning("node %s lost at %.1f s: its devices were dropped and the other "
@@ -395,8 +400,8 @@ def payload_lost(exc: RayError) -> bool:
                                                           ObjectLostError)
 
 
-def node_alive(node_id: str) -> bool:
-    return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
 
 def preprocessing_error(status: Any) -> RayError | None:

@@ -176,9 +176,7 @@ class Evaluator:
 
     def close(self) -> list[str]:
         """Tear the actors down; one line per device whose teardown failed."""
-        for group in self.preprocessors.values():
-            for prep in group:
-                ray.kill(prep)
+        self._kill_preprocessors()
         self.preprocessors, self.preprocessors_key = {}, None
         devices, self.devices, self.key = self.devices, [], None
         return actors.close_devices(devices) if devices else []
@@ -259,6 +257,11 @@ class Evaluator:
                        self.devices[0].info["num_classes"], per_call, batch_s, clock,
                        self.preprocessors)
 
+    def _kill_preprocessors(self) -> None:
+        for group in self.preprocessors.values():
+            for prep in group:
+                ray.kill(prep)
+
     def _start_preprocessors(self, plan: Plan, backend: str, nodes: list[NodeInfo]) -> None:
         """The preprocessing actors a dataset run needs on its devices' nodes (kept from the
         previous run when they are the same)."""
@@ -269,9 +272,7 @@ class Evaluator:
         counts = [plan.cfg.workers or planning.default_workers(n.cpus, cpu) for n in unique]
         key = (plan.recipe, tuple(n.node_id for n in unique), tuple(counts))
         if key != self.preprocessors_key:
-            for group in self.preprocessors.values():
-                for prep in group:
-                    ray.kill(prep)
+            self._kill_preprocessors()
             self.preprocessors = actors.start_preprocessors(unique, counts, plan.recipe)
             self.preprocessors_key = key
 

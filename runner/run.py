@@ -15,6 +15,7 @@ from .config import RunConfig
 from .dataset import Dataset, ImageIssue
 from .driver import DeviceState, DriveOutcome
 from .metrics import Accuracy, hit_ranks
+from .reaper import start_ticks
 
 
 @dataclass
@@ -77,12 +78,11 @@ class RunResult:
 def process_start_time() -> float | None:
     """When this process started (time.time() scale), from /proc; None where unknown."""
     try:
-        stat = Path(f"/proc/{os.getpid()}/stat").read_text()
+        ticks = start_ticks(os.getpid())
         boot = next(line for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
     except (OSError, StopIteration):
         return None
-    ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the comm
     return int(boot.split()[1]) + ticks / os.sysconf("SC_CLK_TCK")
 
 
