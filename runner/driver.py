@@ -311,14 +311,9 @@ class Driver:
             due.append(self.waiting.pop(0)[1])
         for call in reversed(due):
             self.retries[call.node].appendleft(call)
-        if due:
+        if due:  # with no device left, give_up_rest gives them up once the wait is over
             for dev in self.devices:
                 self.fill(dev)
-            if not any(d.alive for d in self.devices):
-                for call in due:
-                    self.give_up(call, "no device left")
-                for queue in self.retries.values():
-                    queue.clear()
 
     def drop(self, dev: DeviceState, reason: str) -> None:
         if dev.alive:
