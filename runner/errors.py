@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ray.exceptions import RayError, RayTaskError
-
 
 def one_line(exc: BaseException) -> str:
     """The innermost meaningful message of ``exc`` on one line, at most 300 characters.
@@ -12,6 +10,8 @@ def one_line(exc: BaseException) -> str:
     ``cause`` is the error itself.  Ray's own errors (ActorDiedError, ...) keep their type
     name and last line; other errors have their lines joined.
     """
+    from ray.exceptions import RayError, RayTaskError  # here: the data tools need not import Ray
+
     cause = getattr(exc, "cause", None)
     if cause is not None and not isinstance(cause, RayTaskError):
         exc = cause

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from .sources import DatasetError, filesystem, local_path, one_line, with_retries
+from .errors import one_line
+from .sources import DatasetError, filesystem, local_path, with_retries
 
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "cardrunner-tar-index"

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .errors import one_line
 from .preprocess import ImageError, read_file
 
 #: Consecutive members of one tar at most this far apart are fetched with one read: a
@@ -81,11 +82,6 @@ def filesystem(url: str) -> tuple[Any, str]:
         raise DatasetError(f"{url}: {exc} (pip install 'cardrunner[remote]')") from None
     except ValueError as exc:  # "Protocol not known: ..."
         raise DatasetError(f"{url}: {exc}") from None
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def with_retries(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
