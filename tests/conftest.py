@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -74,6 +75,12 @@ def tiny_classifier(path: Path, size: int = 300, classes: int = 1000, seed: int 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return tiny_classifier(tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+def journal_indices(out: Path) -> list[int]:
+    """Every image index a run folder's journal records, sorted (once each if exactly once)."""
+    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
+    return sorted(i for line in lines for i in json.loads(line)["indices"])
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> Path:

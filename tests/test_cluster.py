@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import journal_indices
 
 from runner.reaper import kill_processes_under, processes_under
 
@@ -86,8 +87,7 @@ def test_readme_cluster_commands_run_under_rays_default_token_authentication(
              "--no-progress", head, timeout=300)
     assert "card: 4 devices, 64 images" in run.stdout
 
-    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    assert sorted(i for line in lines for i in json.loads(line)["indices"]) == list(range(64))
+    assert journal_indices(out) == list(range(64))
     perf = json.loads((out / "perf.json").read_text())
     assert sorted(d["id"] for d in perf["devices"]) == ["node1:0", "node1:1", "node2:0",
                                                         "node2:1"]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VAL_227, needs_val_227
+from conftest import VAL_227, journal_indices, needs_val_227
 
 from runner.config import RunConfig
 from runner.evaluation import run_evaluation
@@ -95,9 +95,7 @@ def test_a_killed_preprocessor_is_replaced_and_every_image_scored_once(ray_sessi
     os.kill(victims[0], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
-    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    seen = sorted(i for line in lines for i in json.loads(line)["indices"])
-    assert seen == list(range(1000))  # every image, exactly once, in this one run
+    assert journal_indices(out) == list(range(1000))  # every image, exactly once, in this one run
     assert (out / "predictions.csv").read_text() == (reference / "predictions.csv").read_text()
     assert json.loads((out / "perf.json").read_text())["accuracy"]["errors"] == 0
 
@@ -149,9 +147,7 @@ def test_a_node_lost_mid_run_leaves_its_images_to_the_others(images64, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(line for line in proc.stdout.splitlines()
                              if line.startswith('{"perf"')))
-    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    seen = sorted(i for line in lines for i in json.loads(line)["indices"])
-    assert seen == list(range(64)) and report["unscored"] == 0  # every image, once
+    assert journal_indices(out) == list(range(64)) and report["unscored"] == 0  # every image, once
     perf = report["perf"]
     assert [n["node"] for n in perf["nodes_lost"]] == ["node2"]
     assert 0 < perf["nodes_lost"][0]["at_s"] < perf["card"]["wall_s"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from conftest import write_images
+from conftest import journal_indices, write_images
 from PIL import Image
 
 from runner.actors import Device, Part, Payload
@@ -33,11 +33,6 @@ LOCAL = NodeInfo("local", "local", "localhost", "127.0.0.1", cpus=2, devices=1)
 def expected_top(folder, names):
     recipe = get_recipe("huawei")
     return topk_indices(np.stack([emulated_logits(load_crop(folder / n, recipe)) for n in names]))
-
-
-def journal_indices(out):
-    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    return sorted(i for line in lines for i in json.loads(line)["indices"])
 
 
 @pytest.mark.parametrize("mode", ["raise", "exit"])

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import journal_indices
 from test_runlock import holding
 
 from runner.config import RunConfig
@@ -27,11 +28,6 @@ def evaluate_cmd(folder: Path, labels: Path, out: Path, latency_ms: int, *extra:
     return [sys.executable, "-m", "runner.evaluate", "--backend", "emulated", "--devices", "0-1",
             "--images", str(folder), "--labels", str(labels), "--batch-size", "2",
             "--emulated-latency-ms", str(latency_ms), "--out", str(out), "--no-progress", *extra]
-
-
-def journal_indices(out: Path) -> list[int]:
-    lines = (out / "journal.jsonl").read_text().splitlines()[1:]
-    return sorted(i for line in lines for i in json.loads(line)["indices"])
 
 
 def start_and_wait_for_batches(cmd: list, out: Path, batches: int,
